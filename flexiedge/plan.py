@@ -1,0 +1,151 @@
+"""The plan: which blocks are pruned, which base block each slot shares, ranks. Saved as JSON.
+
+The plan is the single source of truth about sharing: builders, the checkpoint, exporters and runtimes
+read it and never infer sharing from equal bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import FlexiEdgeError
+from .lowrank import low_rank_distance, low_rank_factors
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METHODS = ("flexigpt", "shortgpt")
+SELECTIONS = ("lowrank", "frobenius")
+
+
+@dataclass
+class PruneConfig:
+    """How to prune. Fields map one-to-one onto `flexiedge prune` options."""
+    ratio: float | None = 0.3           # fraction of blocks to prune (ignored if `blocks` is set)
+    blocks: int | None = None           # explicit number of blocks to prune
+    method: str = "flexigpt"            # "flexigpt" (slots share a base) or "shortgpt" (plain removal)
+    rank: int = 32                      # LoRA rank of every slot projection
+    selection: str = "lowrank"          # base choice: "lowrank" (paper) or "frobenius" (high-rank ablation)
+    selection_rank: int | None = None   # r in the low-rank distance; defaults to `rank`
+    svd_init: bool = True               # adapters from the SVD of W_pruned - W_base; else random A, zero B
+    output_norm: bool = True            # LayerNorm (no bias) on slot attention/MLP outputs
+    output_norm_init: float = 0.01      # gamma's initial value: small, so a slot starts near identity
+    protect_ends: bool = True           # never prune the first and the last block
+    svd: str = "auto"                   # "exact", "randomized" or "auto" (randomized above 2048 dims)
+
+    def num_to_prune(self, num_layers: int) -> int:
+        if self.blocks is not None:
+            n = self.blocks
+        elif self.ratio is None or not 0 < self.ratio < 1:
+            raise FlexiEdgeError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        else:
+            n = round(self.ratio * num_layers)
+        allowed = num_layers - (2 if self.protect_ends else 1)
+        if not 1 <= n <= allowed:
+            raise FlexiEdgeError(f"cannot prune {n} of {num_layers} blocks: choose between 1 and {allowed}"
+                                 + (" (the first and last blocks are protected)" if self.protect_ends else ""))
+        return n
+
+    def check(self):
+        if self.method not in METHODS:
+            raise FlexiEdgeError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.selection not in SELECTIONS:
+            raise FlexiEdgeError(f"unknown base selection {self.selection!r}: use one of {', '.join(SELECTIONS)}")
+        if self.rank < 0:
+            raise FlexiEdgeError(f"--rank must be >= 0, got {self.rank}")
+
+
+@dataclass
+class LayerSpec:
+    """One layer of the resulting stack."""
+    source_block: int                 # the block of the source model this layer stands for
+    shares: int | None = None         # slot: stack position of the layer whose weights it reuses
+    rank: int = 0                     # slot: LoRA rank
+
+    @property
+    def is_slot(self) -> bool:
+        return self.shares is not None
+
+
+@dataclass
+class Plan:
+    method: str
+    num_source_layers: int
+    layers: list[LayerSpec]
+    pruned: list[int] = field(default_factory=list)
+    block_influence: list[float] | None = None
+    output_norm: bool = True
+    output_norm_init: float = 0.01
+    output_norm_eps: float = 1e-5
+    config: dict = field(default_factory=dict)
+
+    @property
+    def slots(self) -> list[int]:
+        return [p for p, spec in enumerate(self.layers) if spec.is_slot]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        data = dict(data)
+        data["layers"] = [LayerSpec(**layer) for layer in data["layers"]]
+        return cls(**data)
+
+    @classmethod
+    def identity(cls, num_layers: int) -> "Plan":
+        """The plan of an unpruned model: every block is its own layer."""
+        return cls(method="unpruned", num_source_layers=num_layers,
+                   layers=[LayerSpec(i) for i in range(num_layers)])
+
+
+def select_pruned_blocks(scores: list[float], count: int, protect_ends: bool = True) -> list[int]:
+    """The `count` blocks with the lowest Block Influence, in block order."""
+    candidates = range(1, len(scores) - 1) if protect_ends else range(len(scores))
+    ranked = sorted(candidates, key=lambda i: scores[i])
+    return sorted(ranked[:count])
+
+
+def projection_weights(block) -> dict[str, torch.Tensor]:
+    return {name: block.get_submodule(name).weight.detach() for name in PROJECTIONS}
+
+
+def block_distances(layers, pruned: list[int], kept: list[int], rank: int,
+                    selection: str = "lowrank", svd: str = "auto") -> dict[int, dict[int, float]]:
+    """distance[i][j] between pruned block i and kept block j, summed over the seven projections.
+
+    Each projection's distance is divided by ||What_i||_F (||W_i||_F for frobenius) so that every
+    projection counts equally, whatever its size.
+    """
+    if selection == "frobenius":
+        def dist(i, j, name):
+            wi, wj = weights[i][name], weights[j][name]
+            return float((wi - wj).norm() / wi.norm())
+        weights = {b: projection_weights(layers[b]) for b in pruned + kept}
+    else:
+        factors = {b: {n: low_rank_factors(w, rank, svd) for n, w in projection_weights(layers[b]).items()}
+                   for b in pruned + kept}
+
+        def dist(i, j, name):
+            li, _ = factors[i][name]
+            return low_rank_distance(factors[i][name], factors[j][name], rank) / float(li.norm())
+    return {i: {j: sum(dist(i, j, name) for name in PROJECTIONS) for j in kept} for i in pruned}
+
+
+def choose_bases(distances: dict[int, dict[int, float]]) -> dict[int, int]:
+    """Base block of each pruned block: the kept block at the smallest distance (ties: the nearest index)."""
+    return {i: min(row, key=lambda j: (row[j], abs(i - j))) for i, row in distances.items()}
+
+
+def make_plan(config: PruneConfig, scores: list[float], pruned: list[int],
+              bases: dict[int, int] | None) -> Plan:
+    num_layers = len(scores)
+    if config.method == "shortgpt":
+        layers = [LayerSpec(b) for b in range(num_layers) if b not in pruned]
+    else:
+        layers = [LayerSpec(b, shares=bases[b], rank=config.rank) if b in pruned else LayerSpec(b)
+                  for b in range(num_layers)]
+    return Plan(method=config.method, num_source_layers=num_layers, layers=layers, pruned=pruned,
+                block_influence=scores, output_norm=config.output_norm and config.method == "flexigpt",
+                output_norm_init=config.output_norm_init, config=asdict(config))

@@ -1,0 +1,1 @@
+"""Runtimes: one module per runtime (torch reference, onnxruntime, llama.cpp) behind the same small interface."""
