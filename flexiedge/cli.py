@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from .errors import FlexiEdgeError
+
+# Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
+# register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = ()
+EXPORT_MODULES: tuple[str, ...] = ()
 
 
 def _prune(args) -> None:
@@ -98,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+    export = sub.add_parser("export", help="export a run to an on-device format")
+    export_sub = export.add_subparsers(dest="format", required=True)
+    for name in EXPORT_MODULES:
+        importlib.import_module(name).add_export_command(export_sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
