@@ -83,7 +83,9 @@ def save_checkpoint(model, tokenizer, plan: Plan, out: Path, provenance: dict, o
 def read_metadata(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FlexiEdgeError(f"{run_dir} is not a folder: give a run folder written by `flexiedge prune`")
+        problem = "is not a folder" if run_dir.exists() else "not found"
+        raise FlexiEdgeError(f"{run_dir} {problem}: give a run folder written by `flexiedge prune`, "
+                             "a model folder or a built-in model name")
     meta_path = run_dir / METADATA
     if not meta_path.is_file():
         raise FlexiEdgeError(f"{run_dir} has no {METADATA}: it is not a flexiedge checkpoint (run `flexiedge prune`)")

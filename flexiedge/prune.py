@@ -13,7 +13,7 @@ from .checkpoint import save_checkpoint
 from .data import CALIBRATION_TEXTS, text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .influence import block_influence
-from .models import load_model, resolve_model_dir
+from .models import check_architecture, load_model, resolve_model_dir
 from .plan import PROJECTIONS, Plan, PruneConfig, block_distances, choose_bases, make_plan, select_pruned_blocks
 
 
@@ -26,11 +26,14 @@ class CalibrationConfig:
     batch_size: int = 4
 
 
-def check_rank(model, config: PruneConfig) -> None:
+def check_rank(model_config: dict, config: PruneConfig) -> None:
+    """Refuse ranks no projection can hold, from config.json alone (before any weight is loaded)."""
     if config.method != "flexigpt":
         return
-    layer = model.model.layers[0]
-    limit = min(min(layer.get_submodule(n).weight.shape) for n in PROJECTIONS)
+    hidden, heads = model_config["hidden_size"], model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or hidden // heads
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    limit = min(hidden, heads * head_dim, kv_heads * head_dim, model_config["intermediate_size"])
     if config.rank > limit:
         raise FlexiEdgeError(f"--rank {config.rank} is larger than the smallest projection allows ({limit}): "
                              f"choose a rank <= {limit}")
@@ -67,9 +70,10 @@ def prune(model_spec: str, out: Path, config: PruneConfig, calibration: Calibrat
           overwrite: bool = False) -> Path:
     config.check()
     folder = resolve_model_dir(model_spec)
+    model_config = check_architecture(folder)  # fail fast, before loading any weights
+    config.num_to_prune(model_config["num_hidden_layers"])
+    check_rank(model_config, config)
     model, tokenizer = load_model(folder)
-    config.num_to_prune(model.config.num_hidden_layers)  # fail fast, before scoring
-    check_rank(model, config)
     source_parameters = sum(p.numel() for p in model.parameters())
     scores, calib = score_blocks(model, tokenizer, calibration)
     plan = plan_pruning(model, scores, config)
