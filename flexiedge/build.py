@@ -95,8 +95,21 @@ def build_skeleton(config, plan: Plan):
         base = layers[spec.shares]
         with torch.device("meta"):
             layers[position] = make_slot(model.config, base, position, spec.rank, plan, base, adapters=None)
+    for position, spec in enumerate(plan.layers):
+        if not spec.is_slot and spec.rank:  # a kept block with its own LoRA (ShortGPT+LoRA recovery)
+            with torch.device("meta"):
+                add_own_lora(layers[position], spec.rank)
     model.model.layers = nn.ModuleList(layers)
     return model
+
+
+def add_own_lora(layer: nn.Module, rank: int) -> None:
+    """Give a kept block's projections a LoRA adapter over their own weight (PEFT's start: B = 0)."""
+    for name in PROJECTIONS:
+        linear = layer.get_submodule(name)
+        lora_A, lora_B = random_lora(linear.out_features, linear.in_features, rank)
+        parent, attr = name.split(".")
+        setattr(layer.get_submodule(parent), attr, LoRALinear(linear.weight, linear.bias, lora_A, lora_B))
 
 
 def retie_slots(model, plan: Plan) -> None:

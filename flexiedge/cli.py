@@ -12,7 +12,7 @@ from .errors import FlexiEdgeError
 
 # Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
 # register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover",)
 EXPORT_MODULES: tuple[str, ...] = ()
 
 
@@ -39,6 +39,8 @@ def _eval(args) -> None:
     from .report import storage_summary
 
     ckpt = load_checkpoint(Path(args.run))
+    if args.tasks:  # zero-shot multiple-choice accuracy instead of perplexity (flexiedge/zeroshot.py)
+        return _eval_tasks(args, ckpt)
     texts = args.text or list(EVAL_TEXTS)
     ids = tokenize_texts(ckpt.tokenizer, texts)
     result = perplexity(ckpt.model, ids, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
@@ -53,6 +55,16 @@ def _eval(args) -> None:
         s = report["storage"]
         print(f"stored parameters {s['stored']:,} ({s['stored_ratio']:.3f} of the source), "
               f"{s['stored_bytes'] / 2**20:.1f} MiB")
+
+
+def _eval_tasks(args, ckpt) -> None:
+    from .zeroshot import eval_tasks
+
+    results = [r.as_dict() for r in eval_tasks(ckpt.model, ckpt.tokenizer, args.tasks, args.limit)]
+    if args.json:
+        print(json.dumps(dict(run=str(args.run), tasks=results), indent=2))
+    for r in [] if args.json else results:
+        print(f"{r['task']}: accuracy {r['acc']:.4f} +- {r['stderr']:.4f} over {r['n']} examples")
 
 
 def _info(args) -> None:
@@ -98,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tasks", nargs="+", help="zero-shot accuracy on multiple-choice task files (BIG-bench "
+                   "task.json or .jsonl of context/choices/label) instead of perplexity")
+    p.add_argument("--limit", type=int, help="with --tasks: score the first N examples of each task")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="slot map, stored vs computed parameters, savings")
@@ -124,6 +139,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("flexiedge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     return 0
 
 

@@ -61,7 +61,7 @@ class LayerSpec:
     """One layer of the resulting stack."""
     source_block: int                 # the block of the source model this layer stands for
     shares: int | None = None         # slot: stack position of the layer whose weights it reuses
-    rank: int = 0                     # slot: LoRA rank
+    rank: int = 0                     # slot: LoRA rank; kept block: rank of its own-weight LoRA (0 = none)
 
     @property
     def is_slot(self) -> bool:

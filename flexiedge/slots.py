@@ -71,8 +71,11 @@ class FlexiSlot(GradientCheckpointingLayer):
         self.post_attention_layernorm = post_attention_layernorm
         self.attn_output_norm = attn_output_norm if attn_output_norm is not None else nn.Identity()
         self.mlp_output_norm = mlp_output_norm if mlp_output_norm is not None else nn.Identity()
+        self.skipped = False  # True: pass through (the draft model of self-speculative decoding)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.skipped:
+            return hidden_states
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = residual + self.attn_output_norm(hidden_states)
