@@ -22,11 +22,16 @@ def describe_run(run: Path) -> tuple[str, dict]:
     plan = Plan.from_json(metadata["plan"])
     p = metadata["parameters"]
     n, total = len(plan.pruned), plan.num_source_layers
-    lines = [f"run {run}: {plan.method}, {n} of {total} blocks pruned ({n / total:.1%})"]
+    if plan.method == "extend":
+        lines = [f"run {run}: extend, {total} -> {len(plan.layers)} layers ({len(plan.slots)} repeats)"]
+    else:
+        lines = [f"run {run}: {plan.method}, {n} of {total} blocks pruned ({n / total:.1%})"]
     if plan.block_influence:
         bi = ", ".join(f"{b}:{plan.block_influence[b]:.4f}" for b in plan.pruned)
         lines.append(f"  pruned blocks (block: BI)   {bi}")
-    slot_map = {plan.layers[s].source_block: plan.layers[plan.layers[s].shares].source_block for s in plan.slots}
+    # position of each slot -> the source block whose weights it runs (positions are block numbers
+    # after pruning with slots, and stack positions after extension)
+    slot_map = {s: plan.layers[plan.layers[s].shares].source_block for s in plan.slots}
     if slot_map:
         lines.append("  slot map (slot <- base)     " + ", ".join(f"{s}<-{b}" for s, b in slot_map.items()))
         ranks = sorted({plan.layers[s].rank for s in plan.slots})

@@ -108,3 +108,13 @@ def tiny_run(tmp_path, tiny_model_dir, tiny_text_file):
         calibration = CalibrationConfig(texts=(str(tiny_text_file),), tokens=256, seq_len=64)
         return prune(str(tiny_model_dir(arch)), tmp_path / name, PruneConfig(**config), calibration)
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    """The real built-in model (SmolLM2-135M), FlexiGPT-pruned at 30% with a short calibration, once a session."""
+    from flexiedge.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "smollm2-30"
+    assert main(["prune", "--ratio", "0.3", "--out", str(out), "--calib-tokens", "1024"]) == 0
+    return out

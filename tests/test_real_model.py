@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from flexiedge.checkpoint import load_checkpoint
-from flexiedge.cli import main
 from flexiedge.data import tokenize_texts
 from flexiedge.evaluate import perplexity
-
-
-@pytest.fixture(scope="module")
-def smollm2_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("real") / "smollm2-30"
-    assert main(["prune", "--ratio", "0.3", "--out", str(out), "--calib-tokens", "1024"]) == 0
-    return out
 
 
 def test_block_influence_is_recorded_for_every_block(smollm2_run):

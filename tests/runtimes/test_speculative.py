@@ -75,3 +75,17 @@ def test_speculative_sampling_keeps_the_full_models_distribution(flexi_and_sourc
 ])
 def test_choose_k_follows_the_expected_speedup(acceptance, draft_cost, expected):
     assert choose_k(acceptance, draft_cost) == expected
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_speculative_equals_plain_greedy_on_real_smollm2(smollm2_run, k):
+    from flexiedge.checkpoint import load_checkpoint
+    from flexiedge.data import tokenize_texts
+    ckpt = load_checkpoint(smollm2_run)
+    text = tokenize_texts(ckpt.tokenizer, ["alice29"]).tolist()
+    full, draft = TorchDecoder(ckpt.model), TorchDecoder(ckpt.model, skip_slots=True)
+    for start in (1000, 5000):
+        prompt = text[start:start + 32]
+        spec, stats = speculative_generate(full, draft, prompt, 16, k)
+        assert spec == greedy_generate(full, prompt, 16)
+        assert 0 <= stats.acceptance_rate <= 1

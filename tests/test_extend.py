@@ -1,0 +1,59 @@
+"""Extension: repeated blocks share their source's weights and start as the original function."""
+
+import pytest
+import torch
+
+from flexiedge.checkpoint import load_checkpoint
+from flexiedge.extend import ExtendConfig, extend, extension_plan, repeated_blocks
+from flexiedge.prune import CalibrationConfig
+
+
+@pytest.mark.parametrize("layout,repeats,order", [
+    ("block", [1, 3], [0, 1, 1, 2, 3, 3, 4, 5]),
+    ("block", [2, 2], [0, 1, 2, 2, 2, 3, 4, 5]),
+    ("sequential", [2, 3], [0, 1, 2, 3, 2, 3, 4, 5]),
+])
+def test_layouts_place_the_repeats(layout, repeats, order):
+    plan = extension_plan(6, repeats, layout, ExtendConfig(to=8, layout=layout), None)
+    assert [spec.source_block for spec in plan.layers] == order
+    for position in plan.slots:  # every repeat runs the weights of an earlier copy of its own block
+        owner = plan.layers[position].shares
+        assert owner < position and plan.layers[owner].source_block == plan.layers[position].source_block
+
+
+def test_default_choice_repeats_the_most_influential_inner_blocks():
+    scores = [0.9, 0.1, 0.5, 0.3, 0.4, 0.8]
+    assert repeated_blocks(scores, 2, "block") == [2, 4]
+    assert repeated_blocks(scores, 2, "sequential") == [2, 3]  # 0.5 + 0.3 beats 0.3 + 0.4
+
+
+@pytest.fixture
+def extended(tmp_path, tiny_model_dir, tiny_text_file):
+    def make(gamma, layout="block"):
+        source = tiny_model_dir()
+        calibration = CalibrationConfig(texts=(str(tiny_text_file),), tokens=128, seq_len=64)
+        out = extend(str(source), tmp_path / f"ext-{gamma}-{layout}", ExtendConfig(to=9, layout=layout, rank=4,
+                     output_norm_init=gamma), calibration)
+        return source, out
+    return make
+
+
+@pytest.mark.parametrize("layout", ["block", "sequential"])
+def test_with_zero_gamma_the_extended_model_computes_the_original_function(extended, layout):
+    from transformers import AutoModelForCausalLM
+    source, out = extended(0.0, layout)
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    model = load_checkpoint(out).model
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(model.model.layers) == 9
+
+
+def test_a_block_used_three_times_is_stored_once(extended):
+    _, out = extended(0.01)
+    ckpt = load_checkpoint(out)
+    params = ckpt.metadata["parameters"]
+    adapters_and_norms = params["stored"] - params["source"]
+    assert 0 < adapters_and_norms < 0.25 * params["source"]  # only adapters and norms are new
+    assert params["computed"] > params["stored"]
