@@ -96,7 +96,7 @@ def held_out_ppl(run: Path, eval_tokens: int) -> float:
 
 
 def recovery_curve(name: str, run: Path, out: Path, budgets: list[int], config_fields: dict, eval_tokens: int,
-                   done: dict) -> dict:
+                   done: dict, partial: Path = PARTIAL) -> dict:
     """PPL at 0 and at each budget of one cosine run over the largest budget (stop, evaluate, resume)."""
     from flexiedge.recover import read_log, recover
     from flexiedge.train_config import TrainConfig
@@ -104,7 +104,7 @@ def recovery_curve(name: str, run: Path, out: Path, budgets: list[int], config_f
     row = done.setdefault(name, {})
     if "0" not in row:
         row["0"] = held_out_ppl(run, eval_tokens)
-        _save_partial(done)
+        _save_partial(done, partial)
     config = TrainConfig(tokens=max(budgets), **config_fields)
     per_step = config.tokens_per_step()
     for budget in budgets:
@@ -116,13 +116,13 @@ def recovery_curve(name: str, run: Path, out: Path, budgets: list[int], config_f
         print(f"[{name}] training to {budget} tokens (step {steps})", flush=True)
         recover(run, out, config, resume=resume, stop_after=steps - state_step)
         row[str(budget)] = held_out_ppl(out, eval_tokens)
-        _save_partial(done)
+        _save_partial(done, partial)
     log = read_log(out)
     row["tokens_per_s_median"] = statistics.median(r["tokens_per_s"] for r in log)
     meta = json.loads((out / "flexiedge.json").read_text())
     row["stored_bytes"] = meta["parameters"]["stored_bytes"]
     row["trainable_parameters"] = meta["provenance"]["recovery"]["trainable_parameters"]
-    _save_partial(done)
+    _save_partial(done, partial)
     return row
 
 
@@ -157,9 +157,9 @@ def throughput_ratio(flexi_run: Path, config_fields: dict, steps: int = 3) -> di
                 note="ratio = recovery tokens/s / unpruned full forward+backward tokens/s (>1: recovery is faster)")
 
 
-def _save_partial(done: dict) -> None:
+def _save_partial(done: dict, partial: Path = PARTIAL) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    PARTIAL.write_text(json.dumps(done, indent=2))
+    partial.write_text(json.dumps(done, indent=2))
 
 
 def markdown(result: dict) -> str:

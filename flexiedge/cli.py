@@ -13,7 +13,7 @@ from .errors import FlexiEdgeError
 # Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
 # register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover", "flexiedge.generate", "flexiedge.extend")
-EXPORT_MODULES: tuple[str, ...] = ()
+EXPORT_MODULES: tuple[str, ...] = ("flexiedge.exporters.onnx",)
 
 
 def _prune(args) -> None:

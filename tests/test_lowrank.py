@@ -53,3 +53,21 @@ def test_randomized_svd_matches_exact_on_a_matrix_with_a_decaying_spectrum():
 def test_rank_larger_than_the_matrix_is_refused():
     with pytest.raises(ValueError, match="rank 9 is larger"):
         truncated_svd(torch.randn(8, 20), 9)
+
+
+def test_randomized_svd_picks_the_same_bases_as_the_exact_svd(tiny_model):
+    from flexiedge.plan import block_distances, choose_bases
+    layers = tiny_model().model.layers
+    pruned, kept = [2, 4], [0, 1, 3, 5]
+    exact = choose_bases(block_distances(layers, pruned, kept, rank=4, svd="exact"))
+    randomized = choose_bases(block_distances(layers, pruned, kept, rank=4, svd="randomized"))
+    assert randomized == exact
+
+
+def test_plain_frobenius_and_low_rank_distances_are_both_available(tiny_model):
+    from flexiedge.plan import block_distances
+    layers = tiny_model().model.layers
+    low = block_distances(layers, [2], [1, 3], rank=4, selection="lowrank")
+    high = block_distances(layers, [2], [1, 3], rank=4, selection="frobenius")
+    assert low[2].keys() == high[2].keys() == {1, 3}
+    assert all(v > 0 for v in list(low[2].values()) + list(high[2].values()))
