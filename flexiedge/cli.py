@@ -12,8 +12,8 @@ from .errors import FlexiEdgeError
 
 # Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
 # register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover", "flexiedge.generate", "flexiedge.extend")
-EXPORT_MODULES: tuple[str, ...] = ("flexiedge.exporters.onnx",)
+COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover", "flexiedge.generate", "flexiedge.extend", "flexiedge.devices.cli")
+EXPORT_MODULES: tuple[str, ...] = ("flexiedge.exporters.onnx", "flexiedge.exporters.gguf")
 
 
 def _prune(args) -> None:
