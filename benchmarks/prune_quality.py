@@ -16,7 +16,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+# Python puts this folder first on sys.path, where benchmarks/{gguf,onnx}.py would shadow those packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 from common import markdown_table, write_result  # noqa: E402
 
