@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py                          # torch (+ onnx / llama.cpp when exported)
     python benchmarks/speculative.py --prompts 2 --new-tokens 32 --runtimes torch   # a quick look
+    python benchmarks/speculative.py --runtimes torch onnx   # onnx: exports to runs/exports/spec-onnx/ once
 
 The draft is the FlexiGPT model with its slots skipped (ShortGPT's architecture on the same weights).
 Every speculative output is compared token for token with plain greedy decoding of the full model.
@@ -16,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This folder holds onnx.py, which must not shadow the onnx package: search it last (for common.py).
+_HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 from common import markdown_table, write_result  # noqa: E402
 
@@ -40,6 +43,26 @@ def torch_decoders(run: Path, unpruned: str):
     plain = load_checkpoint(unpruned).model
     return dict(full=TorchDecoder(flexi), draft=TorchDecoder(flexi, skip_slots=True),
                 unpruned=TorchDecoder(plain), cost=draft_cost(flexi))
+
+
+def onnx_decoders(run: Path, unpruned: str, threads: int | None = None):
+    """onnxruntime: the run exported with its draft (draft.onnx reads model.onnx.data; both sessions share
+    one mapped copy of the weights) and the unpruned model, exported once into runs/exports/spec-onnx/."""
+    from flexiedge.exporters.onnx import DRAFT_FILE, export_onnx
+    from flexiedge.runtimes.onnxruntime import OrtDecoder, OrtModel, load_pair
+
+    work = ROOT / "runs" / "exports" / "spec-onnx"
+    flexi_dir, plain_dir = work / Path(run).name, work / Path(unpruned).name
+    if not (flexi_dir / DRAFT_FILE).exists():
+        export_onnx(Path(run), flexi_dir, draft=True, overwrite=flexi_dir.exists())
+    if not plain_dir.exists():
+        export_onnx(Path(unpruned), plain_dir)
+    full, draft = load_pair(flexi_dir, threads=threads, tokenizer=False)
+    # the same ORT settings as the shared pair (no private pre-packed / folded weight copies), so that
+    # time_ratio_vs_unpruned compares architectures, not kernels
+    plain = OrtModel.load(plain_dir, threads=threads, tokenizer=False, prepack=False, fold_constants=False)
+    return dict(full=OrtDecoder(full), draft=OrtDecoder(draft), unpruned=OrtDecoder(plain),
+                cost=draft_cost(load_checkpoint(run).model))
 
 
 def bench_runtime(name: str, dec: dict, prompts, new_tokens: int, ks) -> tuple[list[dict], bool]:
@@ -88,7 +111,7 @@ def main():
 
     all_rows, identical, summary = [], True, {}
     for runtime in args.runtimes:
-        decoders = {"torch": torch_decoders}[runtime](Path(args.run), args.unpruned)
+        decoders = {"torch": torch_decoders, "onnx": onnx_decoders}[runtime](Path(args.run), args.unpruned)
         rows, same = bench_runtime(runtime, decoders, prompts, args.new_tokens, args.ks)
         identical &= same
         all_rows += rows

@@ -9,6 +9,10 @@
       genai_config.json     onnxruntime-genai's config (model type, heads, I/O names, search defaults)
       flexiedge-export.json provenance, sizes and the verify results
       tokenizer files
+      draft.onnx            (--draft) the self-speculative draft: the stack without its slots (ShortGPT's
+                            architecture, KV inputs past_key_values.{i} over its own layers), whose
+                            initializers point INTO model.onnx.data: no weight is stored twice
+      draft_genai_config.json  (--draft) genai_config.json for draft.onnx
 
 Slots are ordinary ops: base MatMul + lora_B(lora_A x) + LayerNorm output norms, exactly as
 `flexiedge.slots` computes them. Prefill is the same graph with an empty past (length 0).
@@ -18,7 +22,9 @@ parameters, one copy per shared weight (counted from the graph), logits against 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import platform
 import sys
@@ -39,6 +45,8 @@ from . import onnx_graph as graph
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 MODEL_FILE, DATA_FILE, GENAI_CONFIG, REPORT = "model.onnx", "model.onnx.data", "genai_config.json", "flexiedge-export.json"
+# the draft of self-speculative decoding (--draft): its graph reads the full model's data file
+DRAFT_FILE, DRAFT_DATA_FILE, DRAFT_GENAI_CONFIG = "draft.onnx", "draft.onnx.data", "draft_genai_config.json"
 VERIFY_TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
                "nothing to do: once or twice she had peeped into the book her sister was reading")
 
@@ -187,6 +195,47 @@ def trace_checkpoint(ckpt, opset: int = 18) -> onnx.ModelProto:
     return proto
 
 
+@contextlib.contextmanager
+def draft_stack(model: nn.Module):
+    """Within the block, `model` is its self-speculative draft: only the layers that are not FlexiSlots,
+    renumbered 0..n-1 for the KV cache (config.num_hidden_layers and layer_types follow). The layers are
+    the model's own modules, so everything (layer list, layer_idx, config) is restored on exit."""
+    from flexiedge.slots import FlexiSlot
+
+    layers, config = model.model.layers, model.config
+    kept = [i for i, layer in enumerate(layers) if not isinstance(layer, FlexiSlot)]
+    num_layers, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    layer_idx = [layers[i].self_attn.layer_idx for i in kept]
+    try:
+        for position, i in enumerate(kept):
+            layers[i].self_attn.layer_idx = position
+        model.model.layers = nn.ModuleList([layers[i] for i in kept])
+        config.num_hidden_layers = len(kept)
+        if isinstance(layer_types, list) and len(layer_types) == num_layers:
+            config.layer_types = [layer_types[i] for i in kept]
+        yield kept
+    finally:
+        model.model.layers = layers
+        config.num_hidden_layers = num_layers
+        if layer_types is not None:
+            config.layer_types = layer_types
+        for i, idx in zip(kept, layer_idx):
+            layers[i].self_attn.layer_idx = idx
+
+
+def trace_draft(ckpt, opset: int = 18) -> onnx.ModelProto:
+    """The fp32 graph of the draft (the kept layers only), after the same passes as `trace_checkpoint`.
+    Its initializers still carry the draft's layer numbers: `write_draft` matches them to the full
+    model's by content."""
+    if not ckpt.plan.slots:
+        raise FlexiEdgeError("this run has no replacement slots, so there is no draft model to export")
+    with draft_stack(ckpt.model):
+        proto = trace(ckpt.model, opset)
+    graph.fold_weight_transposes(proto)
+    graph.deduplicate_initializers(proto)
+    return proto
+
+
 def at_precision(traced: onnx.ModelProto, config: OnnxExportConfig) -> onnx.ModelProto:
     proto = quantize(copy.deepcopy(traced), config)
     graph.deduplicate_initializers(proto)  # safety net: a quantizer may emit equal copies
@@ -242,18 +291,25 @@ def genai_config(model_config, tokenizer) -> dict:
     }
 
 
-def export_onnx(run_dir: Path, out: Path, config: OnnxExportConfig | None = None, overwrite: bool = False) -> dict:
-    """Export a run (or plain model) to OUT; verify; return the report written to flexiedge-export.json."""
+def export_onnx(run_dir: Path, out: Path, config: OnnxExportConfig | None = None, overwrite: bool = False,
+                draft: bool = False) -> dict:
+    """Export a run (or plain model) to OUT; verify; return the report written to flexiedge-export.json.
+    `draft`: also write draft.onnx, the self-speculative draft, stored in the same data file."""
     config = config or OnnxExportConfig()
     config.check()
     if Path(out).exists() and not overwrite:  # fail before the slow trace, not after it
         raise FlexiEdgeError(f"{out} already exists: choose another --out or pass --force to replace it")
     ckpt = load_checkpoint(Path(run_dir))
-    return write_export(ckpt, trace_checkpoint(ckpt, config.opset), Path(out), config, overwrite)
+    if draft and not ckpt.plan.slots:
+        raise FlexiEdgeError(f"{run_dir} has no replacement slots, so there is no draft model to export")
+    draft_traced = trace_draft(ckpt, config.opset) if draft else None
+    return write_export(ckpt, trace_checkpoint(ckpt, config.opset), Path(out), config, overwrite, draft_traced)
 
 
-def write_export(ckpt, traced: onnx.ModelProto, out: Path, config: OnnxExportConfig, overwrite: bool = False) -> dict:
-    """Write one precision of a traced checkpoint (several precisions can share one trace)."""
+def write_export(ckpt, traced: onnx.ModelProto, out: Path, config: OnnxExportConfig, overwrite: bool = False,
+                 draft_traced: onnx.ModelProto | None = None) -> dict:
+    """Write one precision of a traced checkpoint (several precisions can share one trace); with
+    `draft_traced` (from `trace_draft`), also the draft, reading the full model's data file."""
     config.check()
     proto = at_precision(traced, config)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
@@ -265,8 +321,136 @@ def write_export(ckpt, traced: onnx.ModelProto, out: Path, config: OnnxExportCon
                       plan=ckpt.plan.to_json(), storage=storage(tmp, ckpt, config.precision), versions=versions())
         if config.verify:
             report["verify"] = verify(tmp, ckpt, config.precision, report["storage"])
+        if draft_traced is not None:
+            report["draft"] = write_draft(ckpt, draft_traced, tmp, config)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+# ------------------------------------------------------------------------------------------------
+# the draft: a second graph over the same data file
+
+
+def _tensor_digest(data_type: int, dims, raw: bytes) -> tuple:
+    return data_type, tuple(dims), hashlib.sha256(raw).hexdigest()
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
+
+
+def external_locations(folder: Path, model_file: str = MODEL_FILE) -> dict[str, dict]:
+    """Initializer name -> {location, offset, length} of a saved graph's external tensors."""
+    proto = onnx.load_model(folder / model_file, load_external_data=False)
+    found = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            found[tensor.name] = dict(location=info["location"], offset=int(info.get("offset", 0)),
+                                      length=int(info["length"]), data_type=tensor.data_type, dims=list(tensor.dims))
+    return found
+
+
+def stored_digests(folder: Path) -> dict[tuple, str]:
+    """(dtype, dims, sha256 of the bytes) -> name, for every initializer stored in folder/model.onnx.data."""
+    digests = {}
+    with open(folder / DATA_FILE, "rb") as data:
+        for name, where in external_locations(folder).items():
+            if where["location"] != DATA_FILE:
+                continue
+            data.seek(where["offset"])
+            digests.setdefault(_tensor_digest(where["data_type"], where["dims"], data.read(where["length"])), name)
+    return digests
+
+
+def _rename_initializers(proto: onnx.ModelProto, mapping: dict[str, str]) -> None:
+    """Rename initializers all at once (a new name may be another initializer's old one)."""
+    for node in proto.graph.node:
+        node.input[:] = [mapping.get(x, x) for x in node.input]
+    for value in proto.graph.output:
+        value.name = mapping.get(value.name, value.name)
+    for tensor in proto.graph.initializer:
+        tensor.name = mapping.get(tensor.name, tensor.name)
+
+
+def link_draft(draft: onnx.ModelProto, folder: Path) -> dict:
+    """Point every draft initializer whose content is stored in folder/model.onnx.data at those bytes,
+    under the full model's name (so that a runtime can hand both sessions one buffer per weight).
+    Anything not found is left with its data, to be written to draft.onnx.data. Returns counts."""
+    digests = stored_digests(folder)
+    where = external_locations(folder)
+    mapping, linked, linked_bytes, missing = {}, [], 0, []
+    for tensor in draft.graph.initializer:
+        name = digests.get(_tensor_digest(tensor.data_type, tensor.dims, _raw_bytes(tensor)))
+        if name is None:
+            missing.append(tensor.name)
+            continue
+        mapping[tensor.name] = name
+        linked.append(tensor)
+    _rename_initializers(draft, mapping)
+    for tensor in linked:
+        loc = where[tensor.name]
+        linked_bytes += loc["length"]
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        for key, value in (("location", DATA_FILE), ("offset", loc["offset"]), ("length", loc["length"])):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    return dict(linked_initializers=len(linked), linked_bytes=linked_bytes, unmatched_initializers=missing)
+
+
+def draft_genai_config(full: dict, num_layers: int) -> dict:
+    config = copy.deepcopy(full)
+    config["model"]["decoder"]["filename"] = DRAFT_FILE
+    config["model"]["decoder"]["num_hidden_layers"] = num_layers
+    return config
+
+
+def write_draft(ckpt, draft_traced: onnx.ModelProto, folder: Path, config: OnnxExportConfig) -> dict:
+    """draft.onnx beside a saved full export: same precision passes, initializers linked into model.onnx.data
+    (anything unmatched, normally nothing, goes to draft.onnx.data); verified against PyTorch with the
+    slots skipped. Returns the report's "draft" section."""
+    proto = at_precision(draft_traced, config)
+    num_layers = sum(1 for x in proto.graph.input if x.name.startswith("past_key_values.")) // 2
+    links = link_draft(proto, folder)
+    if links["unmatched_initializers"]:  # only those keep raw data: they go to the draft's own file
+        onnx.external_data_helper.convert_model_to_external_data(
+            proto, all_tensors_to_one_file=True, location=DRAFT_DATA_FILE, size_threshold=0)
+    onnx.save_model(proto, folder / DRAFT_FILE)
+    del proto
+    full_config = json.loads((folder / GENAI_CONFIG).read_text())
+    (folder / DRAFT_GENAI_CONFIG).write_text(json.dumps(draft_genai_config(full_config, num_layers), indent=2))
+    own = (folder / DRAFT_DATA_FILE).stat().st_size if (folder / DRAFT_DATA_FILE).exists() else 0
+    section = dict(layers=num_layers, kept_positions=[i for i in range(len(ckpt.plan.layers))
+                                                      if i not in set(ckpt.plan.slots)],
+                   model_bytes=(folder / DRAFT_FILE).stat().st_size, own_data_bytes=own, **links)
+    if config.verify:
+        section["verify"] = verify_draft(folder, ckpt, config.precision)
+    return section
+
+
+def verify_draft(folder: Path, ckpt, precision: str) -> dict:
+    from flexiedge.runtimes.onnxruntime import OrtModel
+    from flexiedge.runtimes.pytorch import slots_skipped
+
+    ids = np.array(verify_batch(ckpt.tokenizer), dtype=np.int64)
+    mask = (ids != -1).astype(np.int64)
+    ids[ids == -1] = 0
+    with slots_skipped(ckpt.model):
+        want = torch_logits(ckpt.model, ids, mask)
+    got = OrtModel.load(folder, tokenizer=False, draft=True).forward(ids, mask)[0]
+    real = mask.astype(bool)
+    diff = float(np.abs(got - want)[real].max())
+    agree = float((got.argmax(-1) == want.argmax(-1))[real].mean())
+    max_diff, min_agree = TOLERANCE[precision]
+    if (max_diff is not None and diff > max_diff) or agree < min_agree:
+        raise FlexiEdgeError(f"{precision} draft's logits differ from PyTorch with slots skipped (max |diff| "
+                             f"{diff:.3g}, argmax agreement {agree:.2f}); tolerance {max_diff} / {min_agree}")
+    return dict(logit_max_abs_diff=diff, argmax_agreement=agree)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,6 +555,8 @@ def add_export_command(export_subparsers) -> None:
     p.add_argument("--accuracy-level", type=int, default=4, choices=[1, 4],
                    help="int8/int4 compute: 4 = int8 activations (fast), 1 = fp32 (exact weight-only, slow)")
     p.add_argument("--quantize-adapters", action="store_true", help="int8/int4: quantise LoRA factors too")
+    p.add_argument("--draft", action="store_true", help="also write draft.onnx, the self-speculative draft (the "
+                   "stack without its slots), reading the full model's weights: nothing stored twice")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
@@ -380,7 +566,7 @@ def _export(args) -> None:
     config = OnnxExportConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
                               accuracy_level=args.accuracy_level,
                               quantize_adapters=args.quantize_adapters, verify=not args.no_verify)
-    report = export_onnx(Path(args.run), Path(args.out), config, overwrite=args.force)
+    report = export_onnx(Path(args.run), Path(args.out), config, overwrite=args.force, draft=args.draft)
     s = report["storage"]
     print(f"wrote {args.out}: {s['data_bytes'] / 2**20:.1f} MiB of weights ({s['bytes_over_unique']:.4f} x unique "
           f"parameters at {config.precision}), shared weights stored once: {s['shared_single_copy']}")
@@ -388,3 +574,8 @@ def _export(args) -> None:
         v = report["verify"]
         print(f"verified against PyTorch: max |logit diff| {v['logit_max_abs_diff']:.3g}, "
               f"argmax agreement {v['argmax_agreement']:.2f}", file=sys.stderr)
+    if "draft" in report:
+        d = report["draft"]
+        print(f"draft {DRAFT_FILE}: {d['layers']} layers, {d['linked_initializers']} initializers read from "
+              f"{DATA_FILE} ({d['linked_bytes'] / 2**20:.1f} MiB), {d['own_data_bytes']:,} bytes of its own"
+              + (f", verified: max |logit diff| {d['verify']['logit_max_abs_diff']:.3g}" if "verify" in d else ""))

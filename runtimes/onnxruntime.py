@@ -10,6 +10,14 @@ forward with a KV cache, generate (stream), score (perplexity) and time (TTFT, p
 The same interface as `flexiedge.runtimes.llamacpp.LlamaCppModel`. Graph optimisation happens here, at
 session creation: it does not re-duplicate shared weights, whereas an optimised file would be shipped
 with fusions that copy them per slot.
+
+Self-speculative decoding (an export with --draft): `load_pair` opens model.onnx and draft.onnx with
+every weight they share mapped ONCE from model.onnx.data and handed to both sessions
+(`SessionOptions.add_initializer`), and `OrtDecoder` gives each the decoder interface of
+`flexiedge.runtimes.speculative`:
+
+    full, draft = load_pair("exports/smollm2-30-onnx")
+    tokens, stats = speculative_generate(OrtDecoder(full), OrtDecoder(draft), prompt, 64, k=3)
 """
 
 from __future__ import annotations
@@ -52,11 +60,17 @@ class OrtModel:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None, optimize: bool = True,
-             tokenizer: bool = True) -> "OrtModel":
+             tokenizer: bool = True, draft: bool = False, initializers: dict[str, ort.OrtValue] | None = None,
+             prepack: bool = True, fold_constants: bool = True) -> "OrtModel":
+        """`draft`: the self-speculative draft (draft.onnx) instead of the full model. `initializers`:
+        name -> OrtValue used instead of the file's tensors (see `load_pair`); ORT reads them in place.
+        `prepack=False` keeps ORT from packing MatMul weights into per-session copies; `fold_constants=False`
+        from folding ops on weights into per-session copies (e.g. a tied embedding's transpose for lm_head)."""
         folder = Path(folder)
-        config_path = folder / "genai_config.json"
+        config_path = folder / ("draft_genai_config.json" if draft else "genai_config.json")
         if not config_path.is_file():
-            raise FlexiEdgeError(f"{folder} has no genai_config.json: export it with `flexiedge export onnx`")
+            raise FlexiEdgeError(f"{folder} has no {config_path.name}: export it with `flexiedge export onnx`"
+                                 + (" --draft" if draft else ""))
         config = json.loads(config_path.read_text())
         options = ort.SessionOptions()
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -64,13 +78,20 @@ class OrtModel:
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in (initializers or {}).items():
+            options.add_initializer(name, value)
         session = ort.InferenceSession(str(folder / config["model"]["decoder"]["filename"]), options,
-                                       providers=["CPUExecutionProvider"])
+                                       providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=None if fold_constants else ["ConstantFolding"])
         tok = None
         if tokenizer:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        return cls(session, config, tok)
+        model = cls(session, config, tok)
+        model._initializers = initializers  # ORT reads them in place: keep them alive with the session
+        return model
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -170,6 +191,92 @@ class OrtModel:
             tok = int(np.argmax(logits[0, -1]))
         t2 = _time.perf_counter()
         return dict(ttft_s=t1 - t0, prefill_tps=prompt_tokens / (t1 - t0), decode_tps=gen_tokens / (t2 - t1))
+
+
+# --- self-speculative decoding: two sessions over one copy of the weights ------------------------
+
+
+def _external_tensors(path: Path) -> dict[str, tuple[str, int, int, int, tuple[int, ...]]]:
+    import onnx
+    proto = onnx.load_model(path, load_external_data=False)
+    found = {}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            found[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]), t.data_type,
+                             tuple(t.dims))
+    return found
+
+
+def shared_initializers(folder: str | os.PathLike) -> dict[str, ort.OrtValue]:
+    """One OrtValue per weight that draft.onnx reads from model.onnx.data (same name, same bytes in both
+    graphs), each a view of ONE read-only np.memmap of that file: the page cache holds the bytes once, and
+    both sessions compute from them in place."""
+    import onnx
+
+    folder = Path(folder)
+    full, draft = _external_tensors(folder / "model.onnx"), _external_tensors(folder / "draft.onnx")
+    data_file = folder / "model.onnx.data"
+    mapped = np.memmap(data_file, dtype=np.uint8, mode="r")
+    values = {}
+    for name, where in draft.items():
+        if full.get(name) != where or where[0] != data_file.name:
+            continue
+        _, offset, length, data_type, dims = where
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+        if dtype.itemsize * int(np.prod(dims, dtype=np.int64)) != length or offset % dtype.itemsize:
+            continue  # packed sub-byte types or unaligned data: leave them to each session
+        array = mapped[offset:offset + length].view(dtype).reshape(dims)
+        values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    return values
+
+
+def load_pair(folder: str | os.PathLike, threads: int | None = None, optimize: bool = True, tokenizer: bool = True,
+              share: bool = True, prepack: bool = False) -> tuple[OrtModel, OrtModel]:
+    """(full, draft) sessions of an export with --draft. `share`: every weight the draft reads is one
+    memory-mapped buffer given to both sessions, and the sessions make no private copies of it: ORT's CPU
+    MatMul would pre-pack each constant weight into a private buffer per session (the shared container for
+    pre-packed weights is in ORT's C API, not its Python API), and constant folding would materialise a
+    tied embedding's transpose (lm_head) per session; sharing turns both off (pre-packing unless
+    `prepack`). Without `share`, each session loads (and pre-packs) its own copy."""
+    values = shared_initializers(folder) if share else None
+    options = dict(initializers=values, prepack=prepack or not share, fold_constants=not share)
+    full = OrtModel.load(folder, threads, optimize, tokenizer, **options)
+    draft = OrtModel.load(folder, threads, optimize, False, draft=True, **options)
+    draft.tokenizer = full.tokenizer
+    return full, draft
+
+
+class OrtCache:
+    """The KV cache of one sequence (batch 1) for `OrtDecoder`: numpy arrays (1, kv_heads, length, head)."""
+
+    def __init__(self, past: list[np.ndarray]):
+        self.past = past
+
+
+class OrtDecoder:
+    """The decoder interface of `flexiedge.runtimes.speculative` over an `OrtModel` (full or draft)."""
+
+    def __init__(self, model: OrtModel):
+        self.model = model
+
+    def start(self) -> OrtCache:
+        return OrtCache(self.model.empty_cache(1))
+
+    def extend(self, cache: OrtCache, tokens: list[int]):
+        import torch
+        logits, cache.past = self.model.forward(np.asarray([tokens], np.int64), past=cache.past)
+        return torch.from_numpy(np.ascontiguousarray(logits[0], dtype=np.float32))
+
+    @staticmethod
+    def length(cache: OrtCache) -> int:
+        return cache.past[0].shape[2]
+
+    @staticmethod
+    def crop(cache: OrtCache, length: int) -> None:
+        """Forget every cached position from `length` on."""
+        if length < cache.past[0].shape[2]:
+            cache.past = [np.ascontiguousarray(a[:, :, :length]) for a in cache.past]
 
 
 class _Streamer:
