@@ -12,7 +12,7 @@ from .errors import FlexiEdgeError
 
 # Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
 # register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover", "flexiedge.generate", "flexiedge.extend", "flexiedge.devices.cli")
+COMMAND_MODULES: tuple[str, ...] = ("flexiedge.recover", "flexiedge.generate", "flexiedge.extend", "flexiedge.package", "flexiedge.pipeline", "flexiedge.devices.cli")
 EXPORT_MODULES: tuple[str, ...] = ("flexiedge.exporters.onnx", "flexiedge.exporters.gguf")
 
 

@@ -4,11 +4,16 @@ Trained: each slot's LoRA adapters (lora_A, lora_B), output-norm gammas and own 
 `--kept-lora R` also a rank-R LoRA over each kept block's own weights (the ShortGPT+LoRA baseline).
 Everything else, in particular the base weights that slots share, gets no gradient.
 
+Two recipes (`--recipe`): `flexiedge` (default) first warm-starts every slot block-locally against the unpruned
+model (flexiedge/warmstart.py) and trains on KL to the unpruned model's cached top-k next-token distribution
+(flexiedge/distill.py); `paper` is METHOD.md section 5 as published (slots start near identity, next-token loss).
+
 One device (a plain PyTorch loop; fp32 on CPU, bf16/fp16 autocast on a GPU):
 
     flexiedge recover runs/smollm2-30 --tokens 20000 --out runs/smollm2-30-rec
     flexiedge recover runs/smollm2-30-shortgpt --kept-lora 14 --tokens 20000 --out runs/smollm2-30-shortgpt-lora
     flexiedge recover runs/smollm2-30 --tokens 20000 --out runs/smollm2-30-rec --resume   # after Ctrl-C / a crash
+    flexiedge recover runs/smollm2-30 --recipe paper --tokens 20000 --out runs/smollm2-30-paper
 
 Many GPUs (the same code, handed to accelerate + FSDP2; each base block shares one FSDP unit with its slots):
 
@@ -33,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -42,7 +48,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .plan import Plan
-from .train_config import TrainConfig, config_from
+from .train_config import RECIPES, TrainConfig, config_from
 
 TRAINER_STATE = "trainer_state.pt"
 LOG = "train_log.jsonl"
@@ -52,11 +58,13 @@ OUTPUT_NORMS = ("attn_output_norm.", "mlp_output_norm.")
 
 # ---- what trains ---------------------------------------------------------------------------------------
 
-def trainable_names(model, plan: Plan, slot_norms: bool = True) -> list[str]:
-    """Names of the parameters recovery trains: adapters everywhere, norms of slots only."""
+def trainable_names(model, plan: Plan, slot_norms: bool = True, slots: bool = True) -> list[str]:
+    """Names of the parameters recovery trains: adapters everywhere, norms of slots only (`slots`=False: no slot part)."""
     names = []
     for position, layer in enumerate(model.model.layers):
         is_slot = plan.layers[position].is_slot
+        if is_slot and not slots:
+            continue
         for name, _ in layer.named_parameters():
             adapter = name.endswith(("lora_A", "lora_B"))
             norm = is_slot and (name.startswith(OUTPUT_NORMS) or slot_norms and name.startswith(SLOT_NORMS))
@@ -138,7 +146,7 @@ def make_optimizer(trainable: dict[str, nn.Parameter], config: TrainConfig, tota
     decay = [p for p in trainable.values() if p.dim() >= 2]       # adapter matrices
     no_decay = [p for p in trainable.values() if p.dim() < 2]     # norm gammas
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=config.weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)],
+                                   dict(params=no_decay, weight_decay=0.0, lr=config.lr * config.norm_lr_scale)],
                                   lr=config.lr, betas=config.betas, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total))
     return optimizer, scheduler
@@ -217,6 +225,7 @@ class Session:
     log: list
     step: int = 0
     parallel: object = None   # a flexiedge.distributed.Parallel when launched on many processes
+    teacher: object = None    # a flexiedge.distill.Teacher when config.distill > 0
 
 
 def recover(run_dir: Path, out: Path, config: TrainConfig, resume: bool = False, overwrite: bool = False,
@@ -247,10 +256,16 @@ def recover(run_dir: Path, out: Path, config: TrainConfig, resume: bool = False,
 def new_session(run_dir: Path, config: TrainConfig, parallel, state: dict | None = None) -> Session:
     ckpt = load_checkpoint(run_dir)
     model, plan = ckpt.model, ckpt.plan
+    source = ckpt.metadata.get("provenance", {})
+    needs_teacher = config.distill > 0 or (config.warm_start_tokens and plan.slots and state is None)
+    source_model = load_source(source, run_dir) if needs_teacher else None
+    warm = None
+    if config.warm_start_tokens and plan.slots and state is None:
+        warm = run_warm_start(model, plan, source_model, ckpt.tokenizer, config, parallel)
     torch.manual_seed(config.seed)  # new kept-LoRA adapters start the same way in every run
     if config.kept_lora and state is None:
         add_kept_lora(model, plan, config.kept_lora)
-    names = trainable_names(model, plan, config.train_slot_norms)
+    names = trainable_names(model, plan, config.train_slot_norms, config.train_slots)
     if not names:
         raise FlexiEdgeError(f"{run_dir} has nothing to train: it has no slots; pass --kept-lora RANK to add "
                              "LoRA on the kept blocks (the ShortGPT+LoRA baseline)")
@@ -258,21 +273,62 @@ def new_session(run_dir: Path, config: TrainConfig, parallel, state: dict | None
     trainable = freeze_all_but(model, names)
     total = config.total_steps(parallel.world_size)
     optimizer, scheduler = make_optimizer(trainable, config, total)
-    source = ckpt.metadata.get("provenance", {})
     provenance = dict(source, recovery=dict(source_run=str(run_dir), config=config.to_json(),
                                             data=text_provenance(config.data), total_steps=total,
                                             world_size=parallel.world_size, trainable_parameters=
-                                            sum(p.numel() for p in trainable.values())))
+                                            sum(p.numel() for p in trainable.values()), warm_start=warm))
     session = Session(model, ckpt.tokenizer, plan, config, trainable, optimizer, scheduler,
                       load_data(ckpt.tokenizer, config), total, provenance, log=[])
     parallel.prepare(session)
+    if config.distill > 0:
+        session.teacher = make_teacher(source_model, source, config, parallel.device)
     return session
+
+
+def load_source(provenance: dict, run_dir: Path):
+    """The unpruned model the run was pruned from (teacher of the warm start and of distillation)."""
+    from .models import load_model
+
+    folder = provenance.get("source_folder")
+    if not folder or not Path(folder).exists():
+        raise FlexiEdgeError(f"{run_dir} names no readable source model ({folder}): the warm start and "
+                             "distillation need the unpruned model; use --recipe paper to train without it")
+    model, _ = load_model(folder)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def run_warm_start(model, plan: Plan, source_model, tokenizer, config: TrainConfig, parallel) -> dict:
+    """Block-local warm start of every slot (flexiedge/warmstart.py) on the calibration texts."""
+    from .warmstart import warm_start
+
+    windows = token_windows(tokenize_texts(tokenizer, config.warm_start_data), config.seq_len,
+                            config.warm_start_tokens)
+    t0 = time.perf_counter()
+    report = warm_start(model, plan, source_model, windows, config.warm_start_steps, config.warm_start_lr,
+                        config.batch_size, seed=config.seed, activation_aware=config.warm_start_init != "svd",
+                        log=print if parallel.is_main else (lambda *a: None))
+    return dict(slots={str(k): v for k, v in report.items()}, tokens=windows.numel(),
+                seconds=time.perf_counter() - t0, data=text_provenance(config.warm_start_data))
+
+
+def make_teacher(source_model, provenance: dict, config: TrainConfig, device):
+    from .cache import cache_dir
+    from .distill import Teacher
+
+    source_model.to(device)
+    identity = f"{provenance.get('source_folder')}|{provenance.get('source_parameters')}"
+    folder = Path(config.teacher_cache) if config.teacher_cache else cache_dir("teacher")
+    return Teacher(source_model, config.distill_topk, folder, identity)
 
 
 def resume_session(out: Path, parallel) -> Session:
     """Reload OUT and its trainer state: weights, optimizer, scheduler, RNG and log as of the saved step."""
     state = torch.load(out / TRAINER_STATE, weights_only=False)
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    saved = dict(state["config"])
+    saved.setdefault("recipe", "paper")  # trainer states from before recipes existed trained the paper's way
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     if state["world_size"] != parallel.world_size:
         raise FlexiEdgeError(f"{out} was trained on {state['world_size']} processes; resume it on the same "
                              f"number (now {parallel.world_size}) so the data order stays the same")
@@ -297,6 +353,10 @@ def train(session: Session, out: Path, stop: StopRequest, stop_after: int | None
     bar = tqdm(total=s.total_steps * per_step, initial=s.step * per_step, unit="tok", unit_scale=True,
                desc="recover", disable=not (progress and parallel.is_main))
     started = s.step
+    if stop_after == 0:  # only the starting point (e.g. after the warm start), saved as a checkpoint
+        save_session(s, out)
+        bar.close()
+        return
     while s.step < s.total_steps:
         t0 = time.perf_counter()
         loss = train_step(s, device, dtype)
@@ -329,7 +389,7 @@ def train_step(s: Session, device, dtype) -> float:
     for micro in range(config.grad_accum):
         batch = batch_at(s.data, config, s.step, micro, parallel.rank, parallel.world_size).to(device)
         with autocast(device, dtype):
-            loss = s.model(input_ids=batch, labels=batch, use_cache=False).loss / config.grad_accum
+            loss = step_loss(s, batch) / config.grad_accum
         parallel.backward(loss)
         total += float(loss.detach())
     if config.grad_clip:
@@ -338,6 +398,22 @@ def train_step(s: Session, device, dtype) -> float:
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return parallel.mean(total)
+
+
+def step_loss(s: Session, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mixed with KL to the cached teacher when config.distill > 0."""
+    if s.teacher is None or s.config.distill == 0:
+        return s.model(input_ids=batch, labels=batch, use_cache=False).loss
+    from .distill import topk_kl
+
+    logits = s.model(input_ids=batch, use_cache=False).logits
+    logp, ids = s.teacher.topk(batch)
+    kl = topk_kl(logits, logp, ids)
+    w = s.config.distill
+    if w == 1:
+        return kl
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+    return (1 - w) * ce + w * kl
 
 
 # ---- saving --------------------------------------------------------------------------------------------
@@ -394,6 +470,14 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--kept-lora", type=int, metavar="RANK", help="add rank-RANK LoRA on kept blocks (ShortGPT+LoRA)")
     p.add_argument("--no-slot-norms", action="store_true", help="keep the slots' RMSNorm weights frozen")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="flexiedge (default: warm start + distillation) "
+                   "or paper (the published recipe: slots start near identity, next-token loss)")
+    p.add_argument("--warm-start-tokens", type=int, help="calibration tokens for the slots' warm start (0 = off)")
+    p.add_argument("--warm-start-steps", type=int, help="Adam steps per slot after the closed-form gammas")
+    p.add_argument("--distill", type=float, metavar="W", help="weight of KL to the unpruned model (0 = off, 1 = KL only)")
+    p.add_argument("--distill-topk", type=int, help="teacher log-probs cached per position (default 64)")
+    p.add_argument("--norm-lr-scale", type=float, help="lr multiplier for norm gammas")
+    p.add_argument("--frozen-slots", action="store_true", help="do not train the slots (only --kept-lora trains)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--eval-sequences", type=int, help="held-out sequences per evaluation (0 = all)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
@@ -410,7 +494,10 @@ def _recover(args) -> None:
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                          seed=args.seed, kept_lora=args.kept_lora, eval_every=args.eval_every,
                          eval_sequences=args.eval_sequences, save_every=args.save_every, precision=args.precision,
-                         train_slot_norms=False if args.no_slot_norms else None)
+                         train_slot_norms=False if args.no_slot_norms else None, recipe=args.recipe,
+                         warm_start_tokens=args.warm_start_tokens, warm_start_steps=args.warm_start_steps,
+                         distill=args.distill, distill_topk=args.distill_topk, norm_lr_scale=args.norm_lr_scale,
+                         train_slots=False if args.frozen_slots else None)
     out = recover(Path(args.run), Path(args.out), config, resume=args.resume, overwrite=args.force,
                   stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) != 0:  # launched on many processes: the main one reports

@@ -10,8 +10,16 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .data import TRAIN_TEXTS
+from .data import CALIBRATION_TEXTS, TRAIN_TEXTS
 from .errors import FlexiEdgeError
+
+# Recipes fill the settings left at None. "paper" is METHOD.md section 5 as published (the slot starts near
+# identity, plain next-token loss); "flexiedge" is the best recipe measured in benchmarks/recovery_recipes.py.
+RECIPES = {
+    "paper": dict(warm_start_tokens=0, warm_start_steps=0, distill=0.0, norm_lr_scale=1.0),
+    "flexiedge": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0),
+}
+DEFAULT_RECIPE = "flexiedge"
 
 
 @dataclass
@@ -35,6 +43,24 @@ class TrainConfig:
     eval_sequences: int = 16             # held-out sequences per evaluation (0 = all)
     save_every: int = 100                # steps between checkpoints (0 = only at the end and on Ctrl-C)
     precision: str = "auto"              # "auto" (fp32 on CPU, bf16/fp16 autocast on GPU), "fp32", "bf16", "fp16"
+    recipe: str = DEFAULT_RECIPE         # fills the settings below left at None (RECIPES); "paper" = the paper's
+    warm_start_tokens: int | None = None # calibration tokens for the block-local warm start of slots (0 = off)
+    warm_start_steps: int | None = None  # Adam steps per slot after the closed-form gammas (0 = gammas only)
+    warm_start_lr: float = 2e-3          # peak lr of those steps (cosine to 0)
+    warm_start_init: str = "svd"         # adapters: "svd" (paper, weight space) or "activation_aware" (whitened SVD)
+    warm_start_data: tuple[str, ...] = CALIBRATION_TEXTS  # calibration texts (disjoint from train and eval)
+    distill: float | None = None         # weight of KL(unpruned teacher || model); loss = (1-w) CE + w KL
+    distill_topk: int = 64               # teacher log-probs cached per position (the rest is one bucket)
+    teacher_cache: str | None = None     # folder of cached teacher top-k (default: the flexiedge cache)
+    norm_lr_scale: float | None = None   # lr multiplier for norm gammas (output norms, slot RMSNorms)
+    train_slots: bool = True             # train the slots' adapters and norms (False: only --kept-lora trains)
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise FlexiEdgeError(f"unknown recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * world_size
@@ -53,13 +79,19 @@ class TrainConfig:
             raise FlexiEdgeError(f"unknown precision {self.precision!r}: use auto, fp32, bf16 or fp16")
         if self.kept_lora < 0:
             raise FlexiEdgeError(f"--kept-lora must be >= 0, got {self.kept_lora}")
+        if not 0 <= self.distill <= 1:
+            raise FlexiEdgeError(f"--distill must be between 0 and 1, got {self.distill}")
+        if self.warm_start_init not in ("svd", "activation_aware"):
+            raise FlexiEdgeError(f"unknown warm_start_init {self.warm_start_init!r}: use svd or activation_aware")
+        if self.distill_topk < 1 or self.warm_start_tokens < 0 or self.warm_start_steps < 0:
+            raise FlexiEdgeError("distill_topk must be >= 1, warm_start_tokens and warm_start_steps >= 0")
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def _coerce(name: str, value):
-    if name in ("data", "betas") and isinstance(value, (list, tuple)):
+    if name in ("data", "betas", "warm_start_data") and isinstance(value, (list, tuple)):
         return tuple(value)
     return value
 

@@ -19,11 +19,12 @@ from flexiedge.train_config import TrainConfig, config_from
 
 
 @pytest.fixture
-def train_config(tiny_text_file):
-    """Factory: a few tiny steps on the tiny text (seq 32, batch 2)."""
+def train_config(tiny_text_file, tmp_path):
+    """Factory: a few tiny steps on the tiny text (seq 32, batch 2); warm start and teacher cache kept tiny/local."""
     def make(**overrides):
         fields = dict(tokens=32 * 2 * 6, data=(str(tiny_text_file),), seq_len=32, batch_size=2, eval_every=2,
-                      eval_sequences=2, save_every=0)
+                      eval_sequences=2, save_every=0, warm_start_data=(str(tiny_text_file),), warm_start_tokens=256,
+                      teacher_cache=str(tmp_path / "teacher"))
         fields.update(overrides)
         return TrainConfig(**fields)
     return make
@@ -65,8 +66,10 @@ def test_only_intended_parameters_change(tiny_run, train_config, tmp_path, metho
 
 
 def test_loss_decreases(tiny_run, train_config, tmp_path):
-    out = recover(tiny_run(), tmp_path / "rec", train_config(tokens=32 * 2 * 30, lr=1e-2, eval_every=1),
-                  progress=False)
+    # The paper's recipe: next-token loss. (The default distils from the unpruned model, which for these
+    # random tiny models is no better than the student, so held-out next-token loss need not fall.)
+    out = recover(tiny_run(), tmp_path / "rec", train_config(tokens=32 * 2 * 30, lr=1e-2, eval_every=1,
+                                                             recipe="paper"), progress=False)
     evals = [r["eval_loss"] for r in read_log(out)]
     assert evals[-1] < evals[0] - 0.05, evals
 
