@@ -511,7 +511,9 @@ def verify(folder: Path, ckpt, precision: str, s: dict | None = None) -> dict:
     from flexiedge.runtimes.onnxruntime import OrtModel
 
     s = s or storage(folder, ckpt, precision)
-    if precision in ("fp32", "fp16") and abs(s["bytes_over_unique"] - 1) > 0.01:
+    # Fewer bytes are fine: the hash-dedup pass also merges tensors that merely have equal values (the
+    # zero-initialised lora_B of fresh extension repeats, norms copied from one block). More are not.
+    if precision in ("fp32", "fp16") and s["bytes_over_unique"] > 1.01:
         raise FlexiEdgeError(f"export stores {s['data_bytes']:,} bytes, expected {s['expected_bytes']:,} "
                              f"(unique parameters x {BYTES_PER_ELEMENT[precision]}): shared weights were duplicated")
     if not s["shared_single_copy"]:

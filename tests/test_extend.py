@@ -57,3 +57,23 @@ def test_a_block_used_three_times_is_stored_once(extended):
     adapters_and_norms = params["stored"] - params["source"]
     assert 0 < adapters_and_norms < 0.25 * params["source"]  # only adapters and norms are new
     assert params["computed"] > params["stored"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_an_extended_model_exports_with_each_block_stored_once(extended, tmp_path, fmt):
+    _, run = extended(0.01)
+    meta = load_checkpoint(run).metadata["parameters"]
+    if fmt == "gguf":
+        from flexiedge.exporters.gguf import GGUFExportConfig, export_gguf, storage_report
+        out = tmp_path / "gguf"
+        export_gguf(run, out, GGUFExportConfig(type="f32"))
+        report = storage_report(out)
+        assert report["unique_params"] == meta["stored"]
+        assert report["bytes_over_unique"] == pytest.approx(1.0, abs=0.01)
+    else:
+        from flexiedge.exporters.onnx import OnnxExportConfig, export_onnx
+        out = tmp_path / "onnx"
+        report = export_onnx(run, out, OnnxExportConfig(precision="fp32"))
+        stored = sum(p.stat().st_size for p in out.glob("*.data"))
+        # At most the checkpoint's unique bytes: equal-valued tensors (fresh zero lora_B) may merge too.
+        assert 0.9 * meta["stored_bytes"] < stored <= 1.01 * meta["stored_bytes"]
