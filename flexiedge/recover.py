@@ -29,6 +29,7 @@ The data order is a pure function of (seed, step), so a resumed run equals an un
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -256,6 +257,10 @@ def recover(run_dir: Path, out: Path, config: TrainConfig, resume: bool = False,
 def new_session(run_dir: Path, config: TrainConfig, parallel, state: dict | None = None) -> Session:
     ckpt = load_checkpoint(run_dir)
     model, plan = ckpt.model, ckpt.plan
+    if plan.method == "extend" and (config.warm_start_tokens or config.distill):
+        # Warm starts fit a slot to the block it replaced, and the teacher is the model itself: neither
+        # means anything for repeats that add depth, so extension always trains on next-token loss.
+        config = dataclasses.replace(config, warm_start_tokens=0, distill=0.0)
     source = ckpt.metadata.get("provenance", {})
     needs_teacher = config.distill > 0 or (config.warm_start_tokens and plan.slots and state is None)
     source_model = load_source(source, run_dir) if needs_teacher else None

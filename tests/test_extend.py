@@ -77,3 +77,17 @@ def test_an_extended_model_exports_with_each_block_stored_once(extended, tmp_pat
         stored = sum(p.stat().st_size for p in out.glob("*.data"))
         # At most the checkpoint's unique bytes: equal-valued tensors (fresh zero lora_B) may merge too.
         assert 0.9 * meta["stored_bytes"] < stored <= 1.01 * meta["stored_bytes"]
+
+
+def test_continued_pretraining_of_an_extended_model_trains_only_the_repeats(extended, tmp_path, tiny_text_file):
+    from flexiedge.recover import recover
+    from flexiedge.train_config import TrainConfig
+    _, run = extended(0.01)
+    before = load_checkpoint(run).model
+    out = recover(run, tmp_path / "trained", TrainConfig(tokens=256, seq_len=32, batch_size=2,
+                                                         data=(str(tiny_text_file),)), progress=False)
+    after = load_checkpoint(out).model
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {n for n in b if not torch.equal(b[n], a[n])}
+    assert changed and all(".lora_" in n or "norm" in n for n in changed)
+    assert all(n.startswith(tuple(f"model.layers.{p}." for p in load_checkpoint(run).plan.slots)) for n in changed)
