@@ -58,7 +58,8 @@ class PipelineConfig:
     model: str = DEFAULT_MODEL
     prune: PruneConfig = field(default_factory=PruneConfig)
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(tokens=2048))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=1024, eval_sequences=4))
+    # Short sequences give a short budget several optimizer steps: one step at the full lr only hurts.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=4096, seq_len=128, eval_sequences=4))
     targets: tuple[str, ...] = ("gguf", "onnx")
     devices: tuple[str, ...] = ()
     export: bt.ExportSettings = field(default_factory=bt.ExportSettings)
@@ -319,7 +320,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank per slot projection (default 32)")
     p.add_argument("--calib", nargs="+", help="calibration texts (default lcet10)")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for Block Influence (default 2048)")
-    p.add_argument("--recover-tokens", type=int, default=1024, help="recovery budget in tokens; 0 skips recovery")
+    p.add_argument("--recover-tokens", type=int, default=4096, help="recovery budget in tokens (steps of 4 x 128 tokens); 0 skips recovery")
     p.add_argument("--recipe", default=None, help="recovery recipe: flexiedge (default) or paper")
     p.add_argument("--targets", default="gguf,onnx", help="comma-separated: gguf, onnx (default both)")
     p.add_argument("--device", nargs="+", default=[], help="device profile names: one bundle per target and device")
@@ -333,7 +334,7 @@ def add_commands(subparsers) -> None:
 def _pipeline(args) -> None:
     from .train_config import config_from
     calib = CalibrationConfig(tokens=args.calib_tokens, **({"texts": tuple(args.calib)} if args.calib else {}))
-    train = (config_from(tokens=args.recover_tokens, recipe=args.recipe, eval_sequences=4)
+    train = (config_from(tokens=args.recover_tokens, recipe=args.recipe, eval_sequences=4, seq_len=128)
              if args.recover_tokens > 0 else TrainConfig(tokens=0))
     config = PipelineConfig(model=args.model, prune=PruneConfig(ratio=args.ratio, blocks=args.blocks, rank=args.rank),
                             calibration=calib, train=train, archive=args.archive,
