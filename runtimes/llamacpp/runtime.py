@@ -28,6 +28,7 @@ import numpy as np
 import llama_cpp as lc
 
 from flexiedge.errors import FlexiEdgeError
+from flexiedge.runtimes.sampling import pick
 from .build import runtime_status
 
 KV_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16}  # KV-cache precision; f32 for parity tests
@@ -200,7 +201,7 @@ class LlamaCppModel:
         self._decode(ids, 0, all_logits=False)
         new: list[int] = []
         for step in range(max_new_tokens):
-            tok = _pick(self._last_logits(), temperature, top_k, top_p, rng)
+            tok = pick(self._last_logits(), temperature, top_k, top_p, rng)
             if tok in stop_tokens or (stop_at_eos and lc.llama_vocab_is_eog(self._vocab, tok)):
                 break
             new.append(tok)
@@ -297,14 +298,3 @@ class LlamaCppDecoder:
         if length < cache[0]:
             lc.llama_memory_seq_rm(lc.llama_get_memory(self.model._ctx), 0, length, -1)
             cache[0] = length
-
-def _pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy argmax, or a sample from softmax(logits / T) restricted to top-k and the top-p nucleus."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    order = np.argsort(-logits)[:top_k] if top_k > 0 else np.argsort(-logits)
-    p = np.exp((logits[order] - logits[order[0]]) / temperature)
-    p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1  # smallest prefix with mass >= top_p
-    p = p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(p), p=p)])

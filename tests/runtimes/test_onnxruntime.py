@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flexiedge.evaluate import perplexity
-from flexiedge.runtimes.onnxruntime import OrtModel, pick
+from flexiedge.runtimes.onnxruntime import OrtModel
+from flexiedge.runtimes.sampling import pick
 
 
 def _exporter_fixtures():
