@@ -26,7 +26,7 @@ from flexiedge.checkpoint import stored_tensors  # noqa: E402
 from flexiedge.data import EVAL_TEXTS, tokenize_texts  # noqa: E402
 from flexiedge.evaluate import perplexity  # noqa: E402
 from flexiedge.models import DEFAULT_MODEL, load_model  # noqa: E402
-from flexiedge.plan import PruneConfig  # noqa: E402
+from flexiedge.plan import PruneConfig, make_plan  # noqa: E402
 from flexiedge.prune import CalibrationConfig, apply_plan, plan_pruning, score_blocks  # noqa: E402
 
 VARIANTS = {  # name -> PruneConfig overrides
@@ -60,11 +60,25 @@ def main():
     summary = dict(ppl_unpruned=unpruned.ppl)
     rows = [dict(variant="unpruned", ratio=0.0, ppl=unpruned.ppl, stored_params=source_params, stored_ratio=1.0)]
     details = dict(block_influence=scores, variants={})
+    bases_by_selection: dict = {}
+
+    def plan_for(config: PruneConfig):
+        """The plan, with the base choice (the SVDs) computed once per ratio and selection metric."""
+        key = (config.ratio, config.selection)
+        if config.method == "flexigpt" and key in bases_by_selection:
+            pruned, bases = bases_by_selection[key]
+            return make_plan(config, scores, pruned, bases)
+        plan = plan_pruning(source, scores, config)
+        if config.method == "flexigpt":
+            bases_by_selection[key] = (plan.pruned, {plan.layers[p].source_block: plan.layers[p].shares
+                                                     for p in plan.slots})
+        return plan
+
     for ratio in args.ratios:
         tag = f"{round(ratio * 100)}"
         for name, overrides in VARIANTS.items():
             config = replace(PruneConfig(ratio=ratio, rank=args.rank), **overrides)
-            plan = plan_pruning(source, scores, config)
+            plan = plan_for(config)
             model = apply_plan(copy.deepcopy(source), plan, config)
             result = ppl(model)
             stored = sum(t.numel() for t in stored_tensors(model, plan).values())

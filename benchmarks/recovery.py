@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from flexiedge.plan import PROJECTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PARTIAL = RESULTS / "recovery.partial.json"
@@ -75,14 +77,9 @@ def matching_kept_rank(flexi_run: Path, shortgpt_run: Path, slot_norms: bool = T
     target = sum(params[n].numel() for n in trainable_names(flexi.model, flexi.plan, slot_norms))
     short = load_checkpoint(shortgpt_run)
     per_rank = sum(layer.get_submodule(n).in_features + layer.get_submodule(n).out_features
-                   for layer in short.model.model.layers for n in _projections())
+                   for layer in short.model.model.layers for n in PROJECTIONS)
     rank = max(1, round(target / per_rank))
     return rank, target, rank * per_rank
-
-
-def _projections():
-    from flexiedge.plan import PROJECTIONS
-    return PROJECTIONS
 
 
 def held_out_ppl(run: Path, eval_tokens: int) -> float:

@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
+from recovery import held_out_ppl  # noqa: E402
 
 PARTIAL = RESULTS / "recovery_recipes.partial.json"
 NAME = "recovery_recipes"
@@ -92,16 +93,6 @@ def source_runs(flexi_run: Path, work: Path) -> dict[str, Path]:
         provenance = dict(meta["provenance"], built_by="benchmarks/recovery_recipes.py from " + str(flexi_run))
         save_checkpoint(variant(model, new_plan, config), tokenizer, new_plan, runs[name], provenance)
     return runs
-
-
-def held_out_ppl(run: Path, eval_tokens: int) -> float:
-    from flexiedge.checkpoint import load_checkpoint
-    from flexiedge.data import EVAL_TEXTS, tokenize_texts
-    from flexiedge.evaluate import perplexity
-
-    ckpt = load_checkpoint(run)
-    ids = tokenize_texts(ckpt.tokenizer, EVAL_TEXTS)
-    return perplexity(ckpt.model, ids, context=512, max_tokens=eval_tokens, progress=False).ppl
 
 
 def run_variant(name: str, source: Path, out: Path, budgets: list[int], schedule_tokens: int, eval_tokens: int,

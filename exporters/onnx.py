@@ -434,23 +434,10 @@ def write_draft(ckpt, draft_traced: onnx.ModelProto, folder: Path, config: OnnxE
 
 
 def verify_draft(folder: Path, ckpt, precision: str) -> dict:
-    from flexiedge.runtimes.onnxruntime import OrtModel
     from flexiedge.runtimes.pytorch import slots_skipped
 
-    ids = np.array(verify_batch(ckpt.tokenizer), dtype=np.int64)
-    mask = (ids != -1).astype(np.int64)
-    ids[ids == -1] = 0
     with slots_skipped(ckpt.model):
-        want = torch_logits(ckpt.model, ids, mask)
-    got = OrtModel.load(folder, tokenizer=False, draft=True).forward(ids, mask)[0]
-    real = mask.astype(bool)
-    diff = float(np.abs(got - want)[real].max())
-    agree = float((got.argmax(-1) == want.argmax(-1))[real].mean())
-    max_diff, min_agree = TOLERANCE[precision]
-    if (max_diff is not None and diff > max_diff) or agree < min_agree:
-        raise FlexiEdgeError(f"{precision} draft's logits differ from PyTorch with slots skipped (max |diff| "
-                             f"{diff:.3g}, argmax agreement {agree:.2f}); tolerance {max_diff} / {min_agree}")
-    return dict(logit_max_abs_diff=diff, argmax_agreement=agree)
+        return logit_parity(folder, ckpt, precision, draft=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,8 +495,6 @@ def verify_batch(tokenizer, pads: int = 3) -> list[list[int]]:
 
 def verify(folder: Path, ckpt, precision: str, s: dict | None = None) -> dict:
     """Check the files before reporting success; raise FlexiEdgeError naming the first failure."""
-    from flexiedge.runtimes.onnxruntime import OrtModel
-
     s = s or storage(folder, ckpt, precision)
     # Fewer bytes are fine: the hash-dedup pass also merges tensors that merely have equal values (the
     # zero-initialised lora_B of fresh extension repeats, norms copied from one block). More are not.
@@ -518,17 +503,25 @@ def verify(folder: Path, ckpt, precision: str, s: dict | None = None) -> dict:
                              f"(unique parameters x {BYTES_PER_ELEMENT[precision]}): shared weights were duplicated")
     if not s["shared_single_copy"]:
         raise FlexiEdgeError(f"{precision} export does not keep one copy per shared weight (groups {s['shared_groups']})")
+    return logit_parity(folder, ckpt, precision)
+
+
+def logit_parity(folder: Path, ckpt, precision: str, draft: bool = False) -> dict:
+    """Logits of the exported graph (or draft) against `ckpt.model` on a left-padded batch, within tolerance."""
+    from flexiedge.runtimes.onnxruntime import OrtModel
+
     ids = np.array(verify_batch(ckpt.tokenizer), dtype=np.int64)
     mask = (ids != -1).astype(np.int64)
     ids[ids == -1] = 0
     want = torch_logits(ckpt.model, ids, mask)
-    got = OrtModel.load(folder, tokenizer=False).forward(ids, mask)[0]
+    got = OrtModel.load(folder, tokenizer=False, draft=draft).forward(ids, mask)[0]
     real = mask.astype(bool)
     diff = float(np.abs(got - want)[real].max())
     agree = float((got.argmax(-1) == want.argmax(-1))[real].mean())
     max_diff, min_agree = TOLERANCE[precision]
+    what = "draft's" if draft else "export's"
     if (max_diff is not None and diff > max_diff) or agree < min_agree:
-        raise FlexiEdgeError(f"{precision} export's logits differ from PyTorch (max |diff| {diff:.3g}, argmax "
+        raise FlexiEdgeError(f"{precision} {what} logits differ from PyTorch (max |diff| {diff:.3g}, argmax "
                              f"agreement {agree:.2f}); tolerance {max_diff} / {min_agree}")
     return dict(logit_max_abs_diff=diff, argmax_agreement=agree, tolerance=dict(max_abs_diff=max_diff,
                                                                                  argmax_agreement=min_agree))
