@@ -17,21 +17,25 @@ sharing from the weights. Conventions follow llama.cpp's convert_hf_to_gguf.py f
 names, q/k rows permuted to interleaved RoPE pairs, no output.weight when embeddings are tied,
 norms kept in F32.
 
-Types. f32/f16: every matrix in that type. q8_0: gguf-py's quantizer (owners quantized once, then
-aliased). q4_k: gguf-py cannot quantize Q4_K, so llama.cpp's quantizer (llama_model_quantize, "pure":
-one type for every matrix) runs on a temporary F32 file without aliases, and the owners' quantized
-bytes are read back and written in the chosen layout. A matrix whose rows are not a multiple of the
-type's block falls back as llama.cpp's quantizer does: Q4_K (256) -> Q5_0 (32) -> F16; Q8_0 (32) -> F16.
+Types. f32/f16: every matrix in that type. Quantized types (q8_0, q4_k, q5_k, q6_k): llama.cpp's own
+quantizer, called per tensor (exporters/ggml_quant.py: ggml_quantize_chunk, what llama_model_quantize
+runs for each tensor in "pure" mode, so the bytes are the same as llama-quantize's), each owner once,
+then aliased. Without llama.cpp's library, q8_0 falls back to gguf-py's quantizer (the same bytes).
+A matrix whose rows are not a multiple of the type's block falls back as llama.cpp's quantizer does:
+Q4_K (256) -> Q5_0 (32) -> F16; Q5_K -> Q5_1 -> F16; Q6_K -> Q8_0 -> F16; Q8_0 (32) -> F16.
 For SmolLM2 (hidden 576 = 2.25 x 256) this leaves only ffn_down (rows of 1536) in Q4_K; everything
-else is Q5_0. Adapters use the export type for f32/f16/q8_0 and Q8_0 for q4_k (factors are small and
-precision-sensitive), with the same fallback (lora_b rows are the rank).
+else is Q5_0. Adapters use the export type for f32/f16/q8_0 and Q8_0 for the k-quants (factors are small
+and precision-sensitive), with the same fallback (lora_b rows are the rank).
+
+Memory. Tensors are read one at a time from model.safetensors (plain reads, no mmap; bf16 or fp32),
+encoded and written when the writer reaches them (AliasingGGUFWriter.add_lazy_tensor), so the peak is
+about one float32 tensor (the embedding) plus the tokenizer, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,13 +47,16 @@ from flexiedge.cache import atomic_dir
 from flexiedge.errors import FlexiEdgeError
 from flexiedge.plan import PROJECTIONS, Plan
 
-from .gguf_writer import AliasingGGUFWriter, permute_qk, write_lora_adapter
+from . import ggml_quant
+from .gguf_writer import AliasingGGUFWriter, lora_adapter_writer, permute_qk
 
-TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K}
+TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}
-ADAPTER_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_k": Q.Q8_0}
-FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_0: Q.F16, Q.Q8_0: Q.F16}  # llama.cpp's tensor_type_fallback
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+ADAPTER_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_k": Q.Q8_0, "q5_k": Q.Q8_0, "q6_k": Q.Q8_0}
+# llama.cpp's tensor_type_fallback: a 256-block type demotes to a 32-block one, and that to F16
+FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q5_0: Q.F16, Q.Q5_1: Q.F16, Q.Q8_0: Q.F16}
 LAYOUTS = ("compact", "stock")
 MODEL_FILE, ADAPTER_FILE, REPORT = "model.gguf", "adapters.gguf", "flexiedge-export.json"
 ARCH = "llama"
@@ -60,6 +67,7 @@ PROJ_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down"}
 NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
               "attn_output_norm": "post_attention_norm", "mlp_output_norm": "post_ffw_norm"}  # last two: patch
+PARITY_MAX_GIB = 6  # f32 logits parity loads the run in PyTorch fp32: fine to ~1.5B parameters, not at 7B
 VERIFY_TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
                "nothing to do: once or twice she had peeped into the book her sister was reading")
 
@@ -76,6 +84,9 @@ class GGUFExportConfig:
             raise FlexiEdgeError(f"unknown --type {self.type!r}: use one of {', '.join(TYPES)}")
         if self.layout not in LAYOUTS:
             raise FlexiEdgeError(f"unknown --layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        if self.type not in ("f32", "f16", "q8_0") and not ggml_quant.available():  # gguf-py has no k-quants
+            raise FlexiEdgeError(f"--type {self.type} needs llama.cpp's quantizer (libggml-base from "
+                                 "llama-cpp-python): run python -m flexiedge.runtimes.llamacpp.build")
 
 
 # --- what goes where: the tensor map, from the plan alone ------------------------------------------------
@@ -197,31 +208,47 @@ class RunFiles:
         config = json.loads((path / "config.json").read_text())
         if is_plain_model(path) and not (path / METADATA).exists():
             plan, metadata, weights = Plan.identity(config["num_hidden_layers"]), {}, path / "model.safetensors"
+            if not weights.is_file() and (path / "model.safetensors.index.json").is_file():
+                weights = path  # an HF shard set (e.g. LLaMA-2-7B's two shards): read through its index
         else:
             metadata = read_metadata(path)
             plan, weights = Plan.from_json(metadata["plan"]), path / metadata["weights"]["file"]
-        if not weights.is_file():
-            raise FlexiEdgeError(f"{weights} is missing: expected the weights as one model.safetensors file")
+        if not weights.exists():
+            raise FlexiEdgeError(f"{weights} is missing: expected the weights as model.safetensors "
+                                 "(or an HF model.safetensors.index.json with its shards)")
         return cls(path, plan, config, weights, metadata)
 
 
 class WeightReader:
-    """Streams float32 numpy tensors out of model.safetensors by HF name (safe_open: no torch model)."""
+    """float32 numpy tensors out of model.safetensors by HF name, one at a time (plain reads, no mmap, so
+    memory does not grow with the file; bf16/fp16/fp32 checkpoints are converted per tensor)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-        self._f = safe_open(str(path), framework="pt")
-        self.names = set(self._f.keys())
+        from flexiedge.tensorfile import TensorFiles
+        self._files = TensorFiles.open(path)
+        self.names = set(self._files.names)
         self.path = path
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
-    def get(self, name: str) -> np.ndarray:
+    def _check(self, name: str) -> None:
         if name not in self.names:
             raise FlexiEdgeError(f"{self.path} lacks tensor {name}, which the plan needs: the checkpoint is "
                                  "incomplete; re-run `flexiedge prune`")
-        return self._f.get_tensor(name).float().numpy()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file header (nothing read)."""
+        self._check(name)
+        return tuple(self._files.shape(name))
+
+    def get(self, name: str) -> np.ndarray:
+        import torch
+        self._check(name)
+        return self._files.get(name, torch.float32).numpy()
+
+    def close(self) -> None:
+        self._files.close()
 
 
 def hf_array(reader: WeightReader, entry: TensorEntry) -> np.ndarray:
@@ -242,16 +269,24 @@ def storage_type(qtype: Q, shape: tuple[int, ...]) -> Q:
 
 
 def encode(array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
-    """(data, type) for GGUFWriter.add_tensor(raw_dtype=type), quantized with gguf-py where needed."""
+    """(data, type) for GGUFWriter.add_tensor(raw_dtype=type), after the fallback for odd row lengths."""
     qtype = storage_type(qtype, array.shape)
+    return encode_as(array, qtype), qtype
+
+
+def encode_as(array: np.ndarray, qtype: Q) -> np.ndarray:
+    """`array` (float32) in exactly `qtype`: quantized types by llama.cpp's quantizer (gguf-py's without it)."""
     if qtype == Q.F32:
-        return np.ascontiguousarray(array, np.float32), qtype
+        return np.ascontiguousarray(array, np.float32)
     if qtype == Q.F16:
-        return array.astype(np.float16), qtype
+        return array.astype(np.float16)
+    if ggml_quant.available():
+        return ggml_quant.quantize(array, qtype)
     try:
-        return gguf.quants.quantize(np.ascontiguousarray(array, np.float32), qtype), qtype
+        return gguf.quants.quantize(np.ascontiguousarray(array, np.float32), qtype)
     except NotImplementedError:
-        raise FlexiEdgeError(f"gguf-py cannot quantize {qtype.name}: this type goes through llama.cpp") from None
+        raise FlexiEdgeError(f"{qtype.name} needs llama.cpp's quantizer (gguf-py has none): "
+                             "run python -m flexiedge.runtimes.llamacpp.build") from None
 
 
 def type_bytes(qtype: Q, numel: int) -> int:
@@ -300,42 +335,10 @@ def add_tokenizer(w: gguf.GGUFWriter, run: Path, hp: Hparams, config: dict) -> N
         w.add_chat_template(v.chat_template)
 
 
-@dataclass
-class Encoded:
-    data: np.ndarray
-    type: Q
-
-
-def encode_owners(entries: list[TensorEntry], reader: WeightReader, qtype: Q, tmp: Path,
-                  write_f32_stock) -> dict[str, Encoded]:
-    """Encoded bytes of every tensor that owns data (by GGUF name). Q4_K goes through llama.cpp."""
-    if qtype != Q.Q4_K:
-        return {e.name: Encoded(*encode(hf_array(reader, e), qtype)) for e in entries if e.shares is None}
-    f32, q4 = tmp / "f32-stock.gguf", tmp / "q4_k-stock.gguf"
-    write_f32_stock(f32)
-    llama_quantize(f32, q4, Q.Q4_K)
-    f32.unlink()
-    read = {t.name: t for t in gguf.GGUFReader(q4).tensors}
-    out = {e.name: Encoded(np.array(read[e.name].data), Q(read[e.name].tensor_type))
-           for e in entries if e.shares is None}
-    q4.unlink()
-    return out
-
-
-def llama_quantize(src: Path, dst: Path, qtype: Q) -> None:
-    """llama.cpp's quantizer, "pure" (one type for every matrix; its own fallback for odd row lengths)."""
-    import llama_cpp as lc
-    from flexiedge.runtimes.llamacpp.runtime import _init_backend
-    _init_backend(verbose=False)  # our log callback: warnings and errors only, not a line per tensor
-    ftype = {Q.Q4_K: lc.LLAMA_FTYPE_MOSTLY_Q4_K_S}[qtype]
-    params = lc.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, True, 0
-    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise FlexiEdgeError(f"llama.cpp could not quantize {src} to {qtype.name}: see its error above")
-
-
-def write_model(path: Path, entries: list[TensorEntry], owners: dict[str, Encoded], hp: Hparams, plan: Plan,
+def write_model(path: Path, entries: list[TensorEntry], reader: WeightReader, qtype: Q, hp: Hparams, plan: Plan,
                 run: RunFiles, file_type, layout: str) -> None:
+    """model.gguf, streamed: each owner is read, encoded and written when the writer reaches it (stock
+    layout: a shared weight is encoded again for each slot that uses it, rather than kept in memory)."""
     w = AliasingGGUFWriter(path, ARCH)
     add_hparams(w, hp, plan, run.path.name, file_type, layout)
     add_tokenizer(w, run.path, hp, run.config)
@@ -343,26 +346,36 @@ def write_model(path: Path, entries: list[TensorEntry], owners: dict[str, Encode
         if e.shares is not None:
             w.add_alias(e.name, e.shares)
         else:
-            src = owners.get(e.name) or owners[_owner_name(e, entries)]
-            w.add_tensor(e.name, src.data, raw_dtype=src.type)
+            shape = reader.shape(e.source)
+            stored = storage_type(qtype, shape)
+            w.add_lazy_tensor(e.name, shape, stored, _encoder(reader, e, stored))
     w.write()
 
 
-def _owner_name(entry: TensorEntry, entries: list[TensorEntry]) -> str:
-    """stock layout: the GGUF name under which a slot's shared source was encoded (the base's)."""
-    return next(e.name for e in entries if e.source == entry.source and e.shares is None)
+def _encoder(reader: WeightReader, entry: TensorEntry, qtype: Q):
+    """The writer calls this when it reaches the tensor: read it, permute q/k, encode; nothing kept."""
+    return lambda: encode_as(hf_array(reader, entry), qtype)
 
 
 def write_adapters(path: Path, adapters: list[AdapterEntry], reader: WeightReader, qtype: Q) -> None:
-    pairs = {}
+    """adapters.gguf, streamed like model.gguf: each factor read and encoded when the writer reaches it."""
+    ranks = set()
     for a in adapters:
-        lora_b = reader.get(f"{a.source}.lora_B")
-        pairs[a.target] = (reader.get(f"{a.source}.lora_A"), permute_qk(lora_b, a.heads) if a.heads else lora_b)
-    ranks = {a.shape[0] for a, _ in pairs.values()}
+        (rank, _), (_, rank_b) = reader.shape(f"{a.source}.lora_A"), reader.shape(f"{a.source}.lora_B")
+        if rank != rank_b:
+            raise FlexiEdgeError(f"{a.source}: lora_A has rank {rank} and lora_B rank {rank_b}: the checkpoint "
+                                 "is corrupt; re-run `flexiedge prune`")
+        ranks.add(rank)
     # llama.cpp scales each pair by alpha / rank, or by 1 when alpha is 0. One rank: alpha = rank (scale 1,
     # as PEFT writes it). Several ranks (slots and kept blocks differ): alpha 0, so every pair gets scale 1.
     alpha = float(ranks.pop()) if len(ranks) == 1 else 0.0
-    write_lora_adapter(path, ARCH, pairs, alpha=alpha, encode=lambda t: encode(t, qtype))
+    w = lora_adapter_writer(path, ARCH, alpha)
+    for a in adapters:
+        for suffix, factor, heads in (("lora_a", "lora_A", None), ("lora_b", "lora_B", a.heads)):
+            entry = TensorEntry(f"{a.target}.{suffix}", f"{a.source}.{factor}", heads)  # B's rows permute like W's
+            stored = storage_type(qtype, reader.shape(entry.source))
+            w.add_lazy_tensor(entry.name, reader.shape(entry.source), stored, _encoder(reader, entry, stored))
+    w.write()
 
 
 # --- the export -------------------------------------------------------------------------------------------
@@ -383,17 +396,13 @@ def export_gguf(run_dir: Path, out: Path, config: GGUFExportConfig, overwrite: b
     adapters = adapter_map(plan, hp, reader.__contains__)
     qtype = TYPES[config.type]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        stock = tensor_map(plan, hp, "stock")
-
-        def write_f32_stock(path):  # llama.cpp's quantizer input: every tensor its own bytes, F32
-            f32 = {e.name: Encoded(*encode(hf_array(reader, e), Q.F32)) for e in stock if e.shares is None}
-            write_model(path, stock, f32, hp, plan, run, FILE_TYPES["f32"], "stock")
-
-        with tempfile.TemporaryDirectory(dir=tmp) as work:
-            owners = encode_owners(entries, reader, qtype, Path(work), write_f32_stock)
-        write_model(tmp / MODEL_FILE, entries, owners, hp, plan, run, FILE_TYPES[config.type], config.layout)
-        if adapters:
-            write_adapters(tmp / ADAPTER_FILE, adapters, reader, ADAPTER_TYPES[config.type])
+        try:
+            write_model(tmp / MODEL_FILE, entries, reader, qtype, hp, plan, run, FILE_TYPES[config.type],
+                        config.layout)
+            if adapters:
+                write_adapters(tmp / ADAPTER_FILE, adapters, reader, ADAPTER_TYPES[config.type])
+        finally:
+            reader.close()
         report = dict(run=str(run.path), config=asdict(config), plan=dict(method=plan.method, slots=plan.slots),
                       types=_type_counts(tmp), storage=storage_report(tmp),
                       provenance=_provenance(run))
@@ -469,11 +478,16 @@ def verify_export(folder: Path, run: RunFiles, entries: list[TensorEntry], adapt
     result = dict(round_trip=check_round_trip(folder, entries, adapters, run))
     if config.type == "f32":
         from flexiedge.runtimes.llamacpp.build import runtime_status
+        from flexiedge.tensorfile import TensorFiles
         status = runtime_status()
-        if status.ok:
-            result.update(logits_parity(folder, run.path))
-        else:
+        gib = 4 * sum(t.numel for t in TensorFiles.open(run.weights).tensors.values()) / 2**30
+        if not status.ok:
             result["parity_skipped"] = status.reason
+        elif gib > PARITY_MAX_GIB:  # the PyTorch reference would hold the whole model in fp32, plus llama.cpp's copy
+            result["parity_skipped"] = (f"the model is {gib:.1f} GiB in fp32, over {PARITY_MAX_GIB} GiB for a "
+                                        "PyTorch reference")
+        else:
+            result.update(logits_parity(folder, run.path))
     return result
 
 
@@ -487,7 +501,7 @@ def check_round_trip(folder: Path, entries: list[TensorEntry], adapters: list[Ad
                              f"unexpected {extra[:3]}")
     shapes = {}
     for e in entries:
-        shape = tuple(reversed(reader._f.get_slice(e.source).get_shape()))  # GGUF lists ne0 first
+        shape = tuple(reversed(reader.shape(e.source)))  # GGUF lists ne0 first
         if tuple(int(x) for x in got[e.name].shape) != shape:
             raise FlexiEdgeError(f"{MODEL_FILE} round trip: {e.name} has shape {tuple(got[e.name].shape)}, "
                                  f"expected {shape} from {e.source}")
@@ -501,7 +515,7 @@ def check_round_trip(folder: Path, entries: list[TensorEntry], adapters: list[Ad
     if adapters:
         ad = {t.name: t for t in gguf.GGUFReader(folder / ADAPTER_FILE).tensors}
         for a in adapters:
-            r_in, r_out = reader._f.get_slice(f"{a.source}.lora_A").get_shape(), reader._f.get_slice(f"{a.source}.lora_B").get_shape()
+            r_in, r_out = reader.shape(f"{a.source}.lora_A"), reader.shape(f"{a.source}.lora_B")
             for suffix, shape in (("lora_a", tuple(reversed(r_in))), ("lora_b", tuple(reversed(r_out)))):
                 t = ad.get(f"{a.target}.{suffix}")
                 if t is None or tuple(int(x) for x in t.shape) != shape:

@@ -8,8 +8,13 @@ block's data: an *alias*. Stock llama.cpp rejects such files; the patched runtim
 gguf-py (0.19) always lays tensors out back to back, so `AliasingGGUFWriter` overrides the two
 steps that assign offsets and write data; everything else (header, key/values, states) is gguf-py's.
 
+A model too large for memory is written from *lazy* tensors: shape and type are declared up front
+(the tensor infos, which precede the data, need every size), and a callable produces the encoded
+bytes when the data section reaches that tensor, so only one tensor is in memory at a time.
+
     w = AliasingGGUFWriter(path, "llama")
     w.add_tensor("blk.1.attn_q.weight", wq)
+    w.add_lazy_tensor("blk.1.attn_k.weight", (256, 2048), Q4_K, lambda: encode_k())  # bytes made when written
     w.add_alias("blk.2.attn_q.weight", "blk.1.attn_q.weight")   # no bytes written for layer 2
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 """
@@ -23,12 +28,34 @@ import gguf
 from gguf.gguf_writer import TensorInfo, WriterState
 
 
+def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor of logical `shape` (numpy order: the last dimension is GGUF's ne0) in `qtype`."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise ValueError(f"rows of {shape[-1]} are not a whole number of {qtype.name} blocks of {block}")
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
 class AliasingGGUFWriter(gguf.GGUFWriter):
-    """A GGUFWriter whose tensors may share the data of an earlier tensor (single file, in-memory tensors)."""
+    """A GGUFWriter whose tensors may share the data of an earlier tensor, or be produced only when written."""
 
     def __init__(self, path: str | Path, arch: str) -> None:
         super().__init__(path, arch)  # no temp file, no splits: aliases must resolve within one data section
         self.alias_of: dict[str, str] = {}  # alias name -> name of the tensor that owns the bytes
+        self.producers: dict[str, Callable[[], np.ndarray]] = {}  # lazy tensor name -> makes its encoded data
+
+    def add_lazy_tensor(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
+                        produce: Callable[[], np.ndarray]) -> None:
+        """Declare tensor `name` of logical `shape` (numpy order) in `qtype`; `produce()` returns its encoded
+        data (any dtype, exactly `tensor_nbytes(shape, qtype)` bytes) when write_tensors_to_file reaches it."""
+        if self.state is not WriterState.NO_FILE:
+            raise ValueError(f"Expected output file to be not yet opened, got {self.state}")
+        tensors = self.tensors[-1]
+        if name in tensors:
+            raise ValueError(f"Duplicated tensor name {name!r}")
+        shape = tuple(int(d) for d in shape)
+        tensors[name] = TensorInfo(shape=shape, dtype=qtype, nbytes=tensor_nbytes(shape, qtype))
+        self.producers[name] = produce
 
     def add_alias(self, name: str, target: str) -> None:
         """Declare tensor `name` with the shape, type and bytes of the earlier tensor `target`."""
@@ -61,7 +88,7 @@ class AliasingGGUFWriter(gguf.GGUFWriter):
         if self.state is not WriterState.KV_DATA:
             raise ValueError(f"Expected output file to contain KV data, got {self.state}")
         if len(self.tensors) != 1 or self.temp_file is not None:
-            raise ValueError("AliasingGGUFWriter writes a single file with in-memory tensors")
+            raise ValueError("AliasingGGUFWriter writes a single file (no splits, no temp file)")
         assert self.fout is not None
         offs = self.offsets()
         ti_data = bytearray()
@@ -84,10 +111,13 @@ class AliasingGGUFWriter(gguf.GGUFWriter):
         for name, ti in self.tensors[0].items():
             if name in self.alias_of:
                 continue  # bytes already written by the owner
-            assert ti.tensor is not None and ti.tensor.nbytes == ti.nbytes
-            ti.tensor.tofile(fout)
+            data = ti.tensor if ti.tensor is not None else self.producers.pop(name)()
+            if data.nbytes != ti.nbytes:
+                raise ValueError(f"{name}: expected {ti.nbytes} bytes of {ti.dtype.name} data for shape "
+                                 f"{ti.shape}, got {data.nbytes}")
+            np.ascontiguousarray(data).tofile(fout)
             self.write_padding(fout, ti.nbytes)
-            ti.tensor = None
+            ti.tensor = data = None  # only one tensor's bytes in memory at a time
         self.flush()
         self.state = WriterState.WEIGHTS
 
@@ -125,10 +155,7 @@ def write_lora_adapter(path: str | Path, arch: str, pairs: Mapping[str, tuple[np
         if len(ranks) != 1:
             raise ValueError(f"pass alpha explicitly: adapter has several ranks {sorted(ranks)}")
         alpha = float(ranks.pop())
-    w = gguf.GGUFWriter(path, arch)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w = lora_adapter_writer(path, arch, alpha)
     for name, (a, b) in pairs.items():
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{name}: A is {a.shape} and B is {b.shape}; expected A (r, in), B (out, r)")
@@ -139,7 +166,14 @@ def write_lora_adapter(path: str | Path, arch: str, pairs: Mapping[str, tuple[np
             else:
                 data, qtype = encode(t)
                 w.add_tensor(f"{name}.{suffix}", data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    w.write()
+
+
+def lora_adapter_writer(path: str | Path, arch: str, alpha: float) -> AliasingGGUFWriter:
+    """A writer with the key/values of a llama.cpp LoRA adapter; add "<base tensor>.lora_a"/".lora_b" pairs
+    (in memory or lazy), then call write()."""
+    w = AliasingGGUFWriter(path, arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    return w

@@ -18,6 +18,11 @@ Slots are ordinary ops: base MatMul + lora_B(lora_A x) + LayerNorm output norms,
 `flexiedge.slots` computes them. Prefill is the same graph with an empty past (length 0).
 Every export verifies before it reports success: stored bytes against the checkpoint's unique
 parameters, one copy per shared weight (counted from the graph), logits against PyTorch.
+
+Large checkpoints (over 2 GiB in fp32), bf16/fp16 ones, or any with --stream take the streaming path
+of `onnx_stream.py`: traced on the meta device, each weight read from the checkpoint when it is written
+(a pruned LLaMA-2-7B in under 2 GB of memory); same files, same checks, logits only while the model is
+small enough to load.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class OnnxExportConfig:
                                   # 8-bit decode on CPU than 1 = fp32, which is exact weight-only but slow)
     quantize_adapters: bool = False  # int8/int4: also quantise lora_A/lora_B (small and precision-sensitive)
     verify: bool = True
+    streaming: bool | None = None  # trace on meta, read weights as written (onnx_stream.py); None: when the
+                                   # checkpoint is over onnx_stream.STREAM_ABOVE_BYTES in fp32 or not fp32
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -295,10 +302,16 @@ def export_onnx(run_dir: Path, out: Path, config: OnnxExportConfig | None = None
                 draft: bool = False) -> dict:
     """Export a run (or plain model) to OUT; verify; return the report written to flexiedge-export.json.
     `draft`: also write draft.onnx, the self-speculative draft, stored in the same data file."""
+    from .onnx_stream import export_onnx_streaming, wants_streaming
+
     config = config or OnnxExportConfig()
     config.check()
     if Path(out).exists() and not overwrite:  # fail before the slow trace, not after it
         raise FlexiEdgeError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if wants_streaming(run_dir, config.streaming):
+        if draft:
+            raise FlexiEdgeError("--draft is exported in memory only: drop --stream (or --draft) for this run")
+        return export_onnx_streaming(run_dir, out, config, overwrite)
     ckpt = load_checkpoint(Path(run_dir))
     if draft and not ckpt.plan.slots:
         raise FlexiEdgeError(f"{run_dir} has no replacement slots, so there is no draft model to export")
@@ -469,15 +482,19 @@ def single_copy(proto: onnx.ModelProto, plan) -> bool:
 
 
 def storage(folder: Path, ckpt, precision: str) -> dict:
+    return storage_of(folder, unique_parameters(ckpt.model), ckpt.plan, precision)
+
+
+def storage_of(folder: Path, unique: int, plan, precision: str) -> dict:
+    """Stored bytes against `unique` parameters, and one copy per shared weight, read from the saved graph."""
     proto = onnx.load_model(folder / MODEL_FILE, load_external_data=False)
     stored = (folder / DATA_FILE).stat().st_size
-    unique = unique_parameters(ckpt.model)
     expected = unique * BYTES_PER_ELEMENT[precision]
-    shared = expected_shared_groups(ckpt.plan)
+    shared = expected_shared_groups(plan)
     return dict(data_bytes=stored, model_bytes=(folder / MODEL_FILE).stat().st_size, unique_parameters=unique,
                 expected_bytes=int(expected), bytes_over_unique=stored / expected,
                 initializer_bytes=graph.initializer_bytes(proto), shared_groups=shared,
-                shared_single_copy=single_copy(proto, ckpt.plan))
+                shared_single_copy=single_copy(proto, plan))
 
 
 def torch_logits(model: nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -495,7 +512,12 @@ def verify_batch(tokenizer, pads: int = 3) -> list[list[int]]:
 
 def verify(folder: Path, ckpt, precision: str, s: dict | None = None) -> dict:
     """Check the files before reporting success; raise FlexiEdgeError naming the first failure."""
-    s = s or storage(folder, ckpt, precision)
+    check_storage(s or storage(folder, ckpt, precision), precision)
+    return logit_parity(folder, ckpt, precision)
+
+
+def check_storage(s: dict, precision: str) -> None:
+    """Raise FlexiEdgeError if a `storage` report shows duplicated weights."""
     # Fewer bytes are fine: the hash-dedup pass also merges tensors that merely have equal values (the
     # zero-initialised lora_B of fresh extension repeats, norms copied from one block). More are not.
     if precision in ("fp32", "fp16") and s["bytes_over_unique"] > 1.01:
@@ -503,7 +525,6 @@ def verify(folder: Path, ckpt, precision: str, s: dict | None = None) -> dict:
                              f"(unique parameters x {BYTES_PER_ELEMENT[precision]}): shared weights were duplicated")
     if not s["shared_single_copy"]:
         raise FlexiEdgeError(f"{precision} export does not keep one copy per shared weight (groups {s['shared_groups']})")
-    return logit_parity(folder, ckpt, precision)
 
 
 def logit_parity(folder: Path, ckpt, precision: str, draft: bool = False) -> dict:
@@ -552,6 +573,9 @@ def add_export_command(export_subparsers) -> None:
     p.add_argument("--quantize-adapters", action="store_true", help="int8/int4: quantise LoRA factors too")
     p.add_argument("--draft", action="store_true", help="also write draft.onnx, the self-speculative draft (the "
                    "stack without its slots), reading the full model's weights: nothing stored twice")
+    p.add_argument("--stream", action="store_true", default=None, help="trace on the meta device and read each "
+                   "weight from the checkpoint as it is written (bounded memory; the default for checkpoints over "
+                   "2 GiB in fp32 or stored in bf16/fp16)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
@@ -560,7 +584,8 @@ def add_export_command(export_subparsers) -> None:
 def _export(args) -> None:
     config = OnnxExportConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
                               accuracy_level=args.accuracy_level,
-                              quantize_adapters=args.quantize_adapters, verify=not args.no_verify)
+                              quantize_adapters=args.quantize_adapters, verify=not args.no_verify,
+                              streaming=args.stream)
     report = export_onnx(Path(args.run), Path(args.out), config, overwrite=args.force, draft=args.draft)
     s = report["storage"]
     print(f"wrote {args.out}: {s['data_bytes'] / 2**20:.1f} MiB of weights ({s['bytes_over_unique']:.4f} x unique "
@@ -569,6 +594,8 @@ def _export(args) -> None:
         v = report["verify"]
         print(f"verified against PyTorch: max |logit diff| {v['logit_max_abs_diff']:.3g}, "
               f"argmax agreement {v['argmax_agreement']:.2f}", file=sys.stderr)
+    elif "verify_skipped" in report:
+        print(report["verify_skipped"], file=sys.stderr)
     if "draft" in report:
         d = report["draft"]
         print(f"draft {DRAFT_FILE}: {d['layers']} layers, {d['linked_initializers']} initializers read from "

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .build import build_skeleton, retie_slots, shared_parameter_names
 from .cache import atomic_dir
 from .errors import FlexiEdgeError
 from .models import BUILTIN_MODELS, file_sha256, load_model
 from .plan import PROJECTIONS, Plan
+from .tensorfile import write_tensors
 
 FORMAT = "flexiedge-checkpoint"
 FORMAT_VERSION = 1
@@ -68,12 +69,12 @@ def save_checkpoint(model, tokenizer, plan: Plan, out: Path, provenance: dict, o
     counts["source"] = provenance.get("source_parameters", counts["stored"])
     counts["stored_ratio"] = counts["stored"] / counts["source"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
+        sha256 = write_tensors(tmp / WEIGHTS, tensors, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, plan=plan.to_json(), parameters=counts,
-                        weights=dict(file=WEIGHTS, sha256=file_sha256(tmp / WEIGHTS),
+                        weights=dict(file=WEIGHTS, sha256=sha256,
                                      bytes=(tmp / WEIGHTS).stat().st_size),
                         provenance=dict(provenance, **_versions()))
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
@@ -110,12 +111,7 @@ def load_checkpoint(run_dir: Path, verify: bool = True) -> Checkpoint:
         return Checkpoint(model, tokenizer, plan, {"plan": plan.to_json()}, run_dir)
     metadata = read_metadata(run_dir)
     plan = Plan.from_json(metadata["plan"])
-    weights = run_dir / metadata["weights"]["file"]
-    if not weights.is_file():
-        raise FlexiEdgeError(f"{weights} is missing: the checkpoint is incomplete; re-run `flexiedge prune`")
-    if verify and file_sha256(weights) != metadata["weights"]["sha256"]:
-        raise FlexiEdgeError(f"{weights} does not match the checksum in {METADATA}: the file is corrupt or "
-                             "was modified; re-run `flexiedge prune`")
+    weights = checked_weights(run_dir, metadata, verify)
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -124,6 +120,17 @@ def load_checkpoint(run_dir: Path, verify: bool = True) -> Checkpoint:
     model = _materialise(build_skeleton(config, plan), plan, tensors, weights)
     tokenizer = AutoTokenizer.from_pretrained(run_dir, local_files_only=True)
     return Checkpoint(model, tokenizer, plan, metadata, run_dir)
+
+
+def checked_weights(run_dir: Path, metadata: dict, verify: bool = True) -> Path:
+    """The run's weights file, present and (with `verify`) matching the checksum in flexiedge.json."""
+    weights = Path(run_dir) / metadata["weights"]["file"]
+    if not weights.is_file():
+        raise FlexiEdgeError(f"{weights} is missing: the checkpoint is incomplete; re-run `flexiedge prune`")
+    if verify and file_sha256(weights) != metadata["weights"]["sha256"]:
+        raise FlexiEdgeError(f"{weights} does not match the checksum in {METADATA}: the file is corrupt or "
+                             "was modified; re-run `flexiedge prune`")
+    return weights
 
 
 def _materialise(model, plan: Plan, tensors: dict, weights: Path):

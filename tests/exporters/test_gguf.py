@@ -135,6 +135,15 @@ def test_f32_logits_match_pytorch(flexigpt, tmp_path):
     assert np.abs(_llama_logits(tmp_path / "out", adapters=False) - ref).max() > 1e-2  # the adapters matter
 
 
+@needs_llamacpp
+def test_f32_parity_is_skipped_for_models_too_large_for_pytorch(flexigpt, tmp_path, monkeypatch):
+    import flexiedge.exporters.gguf as exporter
+    monkeypatch.setattr(exporter, "PARITY_MAX_GIB", 0)  # as a 7B run (27 GB in fp32) would be
+    report = _export(flexigpt, tmp_path / "out", type="f32")
+    assert report["verify"]["round_trip"].startswith("ok") and "logit_max_abs_diff" not in report["verify"]
+    assert "GiB in fp32" in report["verify"]["parity_skipped"]
+
+
 def test_stock_layout_refuses_output_norms(flexigpt, tmp_path):
     with pytest.raises(FlexiEdgeError, match="--no-output-norm"):
         _export(flexigpt, tmp_path / "out", type="f32", layout="stock")

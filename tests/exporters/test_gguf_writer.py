@@ -58,6 +58,51 @@ def test_alias_after_file_opened_is_refused(tmp_path):
     w.close()
 
 
+def test_lazy_tensors_are_produced_one_at_a_time_when_written(tmp_path):
+    """Infos (sizes, offsets) come from the declared shape and type; bytes only when the data section is written."""
+    import weakref
+    calls, made = [], []
+
+    def producer(name, array):
+        def produce():
+            calls.append(name)
+            assert all(ref() is None for ref in made)  # the previous tensor's bytes were released first
+            data = array.copy()
+            made.append(weakref.ref(data))
+            return data
+        return produce
+
+    w = AliasingGGUFWriter(tmp_path / "lazy.gguf", "llama")
+    q = gguf.quants.quantize(np.tile(A, (1, 2)), gguf.GGMLQuantizationType.Q8_0)  # (8, 32) -> (8, 34) bytes
+    w.add_lazy_tensor("a", A.shape, gguf.GGMLQuantizationType.F32, producer("a", A))
+    w.add_tensor("b", B)                                                          # in-memory and lazy mix
+    w.add_lazy_tensor("q", (8, 32), gguf.GGMLQuantizationType.Q8_0, producer("q", q))
+    w.add_alias("a2", "a")                                                        # aliases of lazy owners
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    assert calls == []
+    w.write_tensors_to_file()
+    assert calls == ["a", "q"]
+    w.close()
+    t = {x.name: x for x in gguf.GGUFReader(tmp_path / "lazy.gguf").tensors}
+    np.testing.assert_array_equal(t["a"].data, A)
+    np.testing.assert_array_equal(t["b"].data, B)
+    assert tuple(int(d) for d in t["q"].shape) == (32, 8) and t["q"].tensor_type.name == "Q8_0"
+    np.testing.assert_array_equal(t["q"].data, q)
+    assert t["a2"].data_offset == t["a"].data_offset
+
+
+@pytest.mark.parametrize("shape, qtype, error", [
+    ((8, 100), gguf.GGMLQuantizationType.Q8_0, "not a whole number of Q8_0 blocks"),   # declared: refused early
+    ((8, 64), gguf.GGMLQuantizationType.F16, "expected 1024 bytes of F16 data"),      # produced: wrong size
+])
+def test_lazy_tensor_size_errors(tmp_path, shape, qtype, error):
+    w = AliasingGGUFWriter(tmp_path / "bad.gguf", "llama")
+    with pytest.raises(ValueError, match=error):
+        w.add_lazy_tensor("x", shape, qtype, lambda: A)  # A: 512 bytes of float32, (8, 16)
+        w.write()
+
+
 def _rope_interleaved(x, pos, base=10000.0):  # llama.cpp LLAMA_ROPE_TYPE_NORM: pairs (2i, 2i+1)
     d = x.shape[-1]
     ang = pos * base ** (-np.arange(0, d, 2) / d)
