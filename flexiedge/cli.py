@@ -27,7 +27,9 @@ def _prune(args) -> None:
                          output_norm_init=args.output_norm_init, protect_ends=not args.allow_ends, svd=args.svd)
     calibration = CalibrationConfig(texts=tuple(args.calib or CalibrationConfig.texts), tokens=args.calib_tokens,
                                     seq_len=args.seq_len)
-    out = prune(args.model or DEFAULT_MODEL, Path(args.out), config, calibration, overwrite=args.force)
+    from .memory import StageLog
+    out = prune(args.model or DEFAULT_MODEL, Path(args.out), config, calibration, overwrite=args.force,
+                stream=args.stream, log=StageLog(print_to_stderr=args.report_memory))
     print(f"wrote {out}")
     _print_info(out)
 
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", nargs="+", help="calibration texts: built-in names, .txt or .jsonl files")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune block by block without loading the whole model (default: when it would not fit)")
+    p.add_argument("--report-memory", action="store_true", help="print each stage's time and peak RSS")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_prune)
 

@@ -6,15 +6,20 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from .blockwise import fp32_bytes, prune_blockwise
 from .build import build_from_source
 from .checkpoint import save_checkpoint
 from .data import CALIBRATION_TEXTS, text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .influence import block_influence
+from .memory import StageLog, available_memory_bytes
 from .models import check_architecture, load_model, resolve_model_dir
-from .plan import PROJECTIONS, Plan, PruneConfig, block_distances, choose_bases, make_plan, select_pruned_blocks
+from .plan import (PROJECTIONS, Plan, PruneConfig, block_distances, choose_bases, energy_ranks, make_plan,
+                   select_pruned_blocks)
+from .warmstart import functional_distances
 
 
 @dataclass
@@ -41,24 +46,37 @@ def check_rank(model_config: dict, config: PruneConfig) -> None:
         raise FlexiEdgeError(f"--selection-rank must be between 1 and {limit}")
 
 
+def calibration_windows(tokenizer, calibration: CalibrationConfig) -> torch.Tensor:
+    return token_windows(tokenize_texts(tokenizer, calibration.texts), calibration.seq_len, calibration.tokens)
+
+
 def score_blocks(model, tokenizer, calibration: CalibrationConfig) -> tuple[list[float], dict]:
-    ids = tokenize_texts(tokenizer, calibration.texts)
-    windows = token_windows(ids, calibration.seq_len, calibration.tokens)
+    windows = calibration_windows(tokenizer, calibration)
     scores = block_influence(model, windows, calibration.batch_size)
     return scores, dict(asdict(calibration), texts=text_provenance(calibration.texts), tokens_used=windows.numel())
 
 
-def plan_pruning(model, scores: list[float], config: PruneConfig) -> Plan:
+def plan_pruning(model, scores: list[float], config: PruneConfig, windows: torch.Tensor | None = None) -> Plan:
+    """`windows`: calibration token windows, needed by `selection="functional"` only."""
     config.check()
     num_layers = len(scores)
     pruned = select_pruned_blocks(scores, config.num_to_prune(num_layers), config.protect_ends)
-    bases = None
-    if config.method == "flexigpt":
-        kept = [b for b in range(num_layers) if b not in pruned]
-        rank = config.selection_rank or max(config.rank, 1)
-        distances = block_distances(model.model.layers, pruned, kept, rank, config.selection, config.svd)
-        bases = choose_bases(distances)
-    return make_plan(config, scores, pruned, bases)
+    if config.method != "flexigpt":
+        return make_plan(config, scores, pruned, None)
+    bases = choose_base_blocks(model, pruned, config, windows)
+    ranks = energy_ranks(model.model.layers, bases, config.rank) if config.rank_allocation == "energy" else None
+    return make_plan(config, scores, pruned, bases, ranks)
+
+
+def choose_base_blocks(model, pruned: list[int], config: PruneConfig, windows: torch.Tensor | None) -> dict[int, int]:
+    kept = [b for b in range(len(model.model.layers)) if b not in pruned]
+    rank = config.selection_rank or max(config.rank, 1)
+    if config.selection != "functional":
+        return choose_bases(block_distances(model.model.layers, pruned, kept, rank, config.selection, config.svd))
+    if windows is None:
+        raise FlexiEdgeError("--selection functional needs calibration text (prune the model with `flexiedge prune`)")
+    windows = windows[:max(1, config.selection_tokens // windows.shape[1])]
+    return choose_bases(functional_distances(model, pruned, kept, rank, windows, svd=config.svd))
 
 
 def apply_plan(model, plan: Plan, config: PruneConfig):
@@ -67,20 +85,33 @@ def apply_plan(model, plan: Plan, config: PruneConfig):
 
 
 def prune(model_spec: str, out: Path, config: PruneConfig, calibration: CalibrationConfig,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, stream: bool | None = None, log: StageLog | None = None) -> Path:
+    """`stream`: True prunes block by block (blockwise.py), None does so when the model would not fit."""
     config.check()
     folder = resolve_model_dir(model_spec)
     model_config = check_architecture(folder)  # fail fast, before loading any weights
     config.num_to_prune(model_config["num_hidden_layers"])
     check_rank(model_config, config)
+    log = log or StageLog()
+    if stream or stream is None and needs_streaming(folder):
+        return prune_blockwise(folder, out, config, calibration, model_spec, overwrite, log)
     model, tokenizer = load_model(folder)
     source_parameters = sum(p.numel() for p in model.parameters())
-    scores, calib = score_blocks(model, tokenizer, calibration)
-    plan = plan_pruning(model, scores, config)
-    apply_plan(model, plan, config)
+    with log.stage("score"):
+        scores, calib = score_blocks(model, tokenizer, calibration)
+    with log.stage("select_init"):
+        plan = plan_pruning(model, scores, config, calibration_windows(tokenizer, calibration))
+        apply_plan(model, plan, config)
     provenance = dict(source_model=str(model_spec), source_folder=str(folder),
-                      source_parameters=source_parameters, calibration=calib)
-    return save_checkpoint(model, tokenizer, plan, out, provenance, overwrite=overwrite)
+                      source_parameters=source_parameters, calibration=calib, stages=log.records)
+    with log.stage("save"):
+        return save_checkpoint(model, tokenizer, plan, out, provenance, overwrite=overwrite)
+
+
+def needs_streaming(folder: Path, fraction: float = 0.4) -> bool:
+    """Whether the model in fp32 would take more than `fraction` of the memory available now."""
+    return fp32_bytes(folder) > fraction * available_memory_bytes()
+
 
 
 def variant(model, plan: Plan, config: PruneConfig):
