@@ -3,7 +3,12 @@
     nice -n 5 python benchmarks/recovery_recipes.py --variants unpruned shortgpt_lora paper flexiedge   # one queue
     nice -n 5 python benchmarks/recovery_recipes.py --variants shortgpt_lora_distill kept_only ...     # another
     nice -n 5 python benchmarks/recovery_recipes.py --budgets 20480 --schedule-tokens 20480 --variants slots_kept
+    nice -n 5 python benchmarks/recovery_recipes.py --variants functional energy slots_kept_functional ...
+    nice -n 5 python benchmarks/recovery_recipes.py --budgets 20480 40960 --schedule-tokens 40960 --variants energy
     nice -n 5 python benchmarks/recovery_recipes.py --report      # json + md table from what is measured
+
+(prefix OMP_NUM_THREADS=1 when queues share a small machine). The first call builds the source checkpoints
+(ShortGPT, r=16, functional bases, energy ranks; ~4 min each functional base choice on 2 cores).
 
 Every variant starts from the one Block Influence scoring in runs/smollm2-30 (the same 9 pruned blocks), trains
 with the same data order (seed 0, seq 128, batch 4, lr 4e-3, one cosine schedule over the largest budget; the
@@ -20,6 +25,13 @@ Variants (trainable parameters ~2.95M each, the kept-LoRA rank is matched to the
   flexiedge_gamma_lr     flexiedge with the gammas/norms at 10x the learning rate
   slots_kept             slots r=16 + kept-block LoRA r=7 (same trainable count), warm start + distillation
   kept_only              slots r=32 warm-started then frozen + kept-block LoRA r=14, distillation
+  functional             flexiedge on slots whose bases are chosen by function (`PruneConfig.selection="functional"`)
+  energy                 flexiedge on slots with per-slot ranks from the difference spectra, same total rank
+                         (`PruneConfig.rank_allocation="energy"`)
+  slots_kept_recipe      `--recipe slots_kept` on the r=32 run: must reproduce slots_kept (run at 0 tokens)
+  slots_kept_functional  `--recipe slots_kept` on the functional-base run
+  slots_kept_energy      `--recipe slots_kept` on the energy-rank run
+  slots_kept_functional_energy   `--recipe slots_kept` on functional bases with energy ranks
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
 from recovery import held_out_ppl  # noqa: E402
+from flexiedge.train_config import DEFAULT_RECIPE  # noqa: E402
 
 PARTIAL = RESULTS / "recovery_recipes.partial.json"
 NAME = "recovery_recipes"
@@ -52,8 +65,19 @@ VARIANTS = {  # name -> (source run, TrainConfig fields)
     "flexiedge_gamma_lr": ("flexigpt", dict(recipe="flexiedge", norm_lr_scale=10.0, **WARM)),
     "slots_kept": ("flexigpt_r16", dict(recipe="flexiedge", kept_lora=7, **WARM)),
     "kept_only": ("flexigpt", dict(recipe="flexiedge", kept_lora=14, train_slots=False, **WARM)),
+    "functional": ("flexigpt_functional", dict(recipe="flexiedge", **WARM)),
+    "energy": ("flexigpt_energy", dict(recipe="flexiedge", **WARM)),
+    "slots_kept_recipe": ("flexigpt", dict(recipe="slots_kept", **WARM)),
+    "slots_kept_functional": ("flexigpt_functional", dict(recipe="slots_kept", **WARM)),
+    "slots_kept_energy": ("flexigpt_energy", dict(recipe="slots_kept", **WARM)),
+    "slots_kept_functional_energy": ("flexigpt_functional_energy", dict(recipe="slots_kept", **WARM)),
 }
-FLEXI = ("paper", "warm", "warm_fit", "flexiedge", "flexiedge_gamma_lr", "slots_kept", "kept_only")
+FLEXI = ("paper", "warm", "warm_fit", "flexiedge", "flexiedge_gamma_lr", "slots_kept", "kept_only", "functional",
+         "energy", "slots_kept_recipe", "slots_kept_functional", "slots_kept_energy", "slots_kept_functional_energy")
+# Source checkpoints other than the FlexiGPT run itself: PruneConfig changes (bases re-chosen only by "functional").
+SOURCES = dict(shortgpt=dict(method="shortgpt"), flexigpt_r16=dict(rank=16),
+               flexigpt_functional=dict(selection="functional"), flexigpt_energy=dict(rank_allocation="energy"),
+               flexigpt_functional_energy=dict(selection="functional", rank_allocation="energy"))
 
 
 def load_partial() -> dict:
@@ -71,28 +95,42 @@ def update_partial(name: str, values: dict) -> None:
 
 
 def source_runs(flexi_run: Path, work: Path) -> dict[str, Path]:
-    """ShortGPT and rank-16 FlexiGPT checkpoints built from the FlexiGPT run's own plan (no re-scoring)."""
-    from flexiedge.checkpoint import read_metadata, save_checkpoint
-    from flexiedge.models import load_model
-    from flexiedge.plan import Plan, PruneConfig, make_plan
-    from flexiedge.prune import variant
+    """The other source checkpoints (SOURCES), built from the FlexiGPT run's own Block Influence scores and
+    pruned blocks (no re-scoring); a functional base choice runs on the run's own calibration text."""
+    from flexiedge.checkpoint import read_metadata
 
     meta = read_metadata(flexi_run)
+    runs = dict(flexigpt=flexi_run, shortgpt=work / "smollm2-30-shortgpt", flexigpt_r16=work / "smollm2-30-r16")
+    runs.update({name: work / f"smollm2-30-{name.removeprefix('flexigpt_')}" for name in SOURCES if name not in runs})
+    missing = [name for name in SOURCES if not runs[name].exists()]
+    if missing:
+        build_sources(meta, flexi_run, {name: runs[name] for name in missing})
+    return runs
+
+
+def build_sources(meta: dict, flexi_run: Path, outs: dict[str, Path]) -> None:
+    from flexiedge.checkpoint import save_checkpoint
+    from flexiedge.models import load_model
+    from flexiedge.plan import Plan, PruneConfig, energy_ranks, make_plan
+    from flexiedge.prune import CalibrationConfig, calibration_windows, choose_base_blocks, variant
+
     plan = Plan.from_json(meta["plan"])
     bases = {plan.layers[p].source_block: plan.layers[plan.layers[p].shares].source_block for p in plan.slots}
-    runs = dict(flexigpt=flexi_run, shortgpt=work / "smollm2-30-shortgpt", flexigpt_r16=work / "smollm2-30-r16")
-    changes = dict(shortgpt=dict(method="shortgpt"), flexigpt_r16=dict(rank=16))
-    model = tokenizer = None
-    for name, change in changes.items():
-        if runs[name].exists():
-            continue
-        if model is None:
-            model, tokenizer = load_model(meta["provenance"]["source_folder"])
-        config = PruneConfig(**dict(meta["plan"]["config"], **change))
-        new_plan = make_plan(config, plan.block_influence, plan.pruned, None if name == "shortgpt" else bases)
+    model, tokenizer = load_model(meta["provenance"]["source_folder"])
+    calib = {k: v for k, v in meta["provenance"]["calibration"].items() if k in ("tokens", "seq_len", "batch_size")}
+    windows = calibration_windows(tokenizer, CalibrationConfig(**calib))
+    for name, out in outs.items():
+        config = PruneConfig(**dict(meta["plan"]["config"], **SOURCES[name]))
+        chosen, ranks = None, None
+        if config.method == "flexigpt":
+            t0 = time.perf_counter()
+            chosen = choose_base_blocks(model, plan.pruned, config, windows) if config.selection == "functional" \
+                else bases
+            ranks = energy_ranks(model.model.layers, chosen, config.rank) if config.rank_allocation == "energy" else None
+            print(f"[{name}] bases {chosen} ranks {ranks} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        new_plan = make_plan(config, plan.block_influence, plan.pruned, chosen, ranks)
         provenance = dict(meta["provenance"], built_by="benchmarks/recovery_recipes.py from " + str(flexi_run))
-        save_checkpoint(variant(model, new_plan, config), tokenizer, new_plan, runs[name], provenance)
-    return runs
+        save_checkpoint(variant(model, new_plan, config), tokenizer, new_plan, out, provenance)
 
 
 def run_variant(name: str, source: Path, out: Path, budgets: list[int], schedule_tokens: int, eval_tokens: int,
@@ -168,13 +206,16 @@ def report(budgets: list[int], eval_tokens: int, schedule_tokens: int) -> None:
     summary = dict(
         budget_tokens_max=top, ppl_shortgpt_lora_at_max=at_top[2] if at_top else None,
         ppl_paper_recipe_at_max=paper_top, ppl_best_recipe_at_max=at_top[3] if at_top else None,
-        best_recipe=best, ppl_warm_start_0_tokens=done.get("flexiedge", {}).get("0"),
+        best_recipe=best.split("@")[0] if best else None, best_recipe_row=best,
+        ppl_warm_start_0_tokens=done.get("flexiedge", {}).get("0"),
         ppl_best_over_shortgpt_lora_min_budget=(best_low / at_low[2]) if best_low and at_low else None,
         ppl_best_over_shortgpt_lora_max_budget=(at_top[3] / at_top[2]) if at_top else None,
         budget_tokens_min=low, ppl_unpruned=done.get("unpruned", {}).get("0"),
-        best_flexigpt_over_shortgpt_lora_per_budget={f"{b}{sfx or ''}": round(f / base, 4) for b, sfx, base, f, _ in pairs},
-        best_flexigpt_row_per_budget={f"{b}{sfx or ''}": row for b, sfx, _, _, row in pairs},
         beats_shortgpt_lora_by_5pct_at_every_budget=all(f <= 0.95 * base for _, _, base, f, _ in pairs) if pairs else None)
+    for b, sfx, base, f, row in pairs:  # flat keys: per budget (and schedule), the best FlexiGPT row and its ratio
+        tag = f"{b}" + (f"_schedule_{sfx[1:]}" if sfx else "")
+        summary[f"best_over_shortgpt_lora_at_{tag}"] = round(f / base, 4)
+        summary[f"best_row_at_{tag}"] = row
     settings = dict(BASE, budgets=budgets, schedule_tokens=schedule_tokens, eval_text="alice29",
                     eval_tokens=eval_tokens, eval_context=512, train_texts=["plrabn12", "asyoulik", "botchan"],
                     warm_start_text="lcet10", variants={k: v[1] for k, v in VARIANTS.items()},
@@ -192,9 +233,59 @@ def report(budgets: list[int], eval_tokens: int, schedule_tokens: int) -> None:
     if diag:
         notes += "\n\nStart PPL of the slot inits (0 tokens): " + ", ".join(
             f"{k.removeprefix('ppl_')} {v:.2f}" for k, v in diag.items() if k.startswith("ppl_")) + "."
+    notes += "\n\n" + base_choice_notes(done.get("diagnostics_base_choice")) + "\n\n" + decision_notes(pairs)
     write_result(NAME, summary, settings, dict(variants=done), table + "\n\n" + notes)
     print(table)
     print(json.dumps(summary, indent=2))
+
+
+def base_choice_notes(diag: dict | None) -> str:
+    """What the functional base choice and the energy ranks picked, and the block-local errors behind it."""
+    if not diag:
+        return ""
+    err = diag["block_error"]
+    mean = {k: statistics.mean(e[k] for e in err.values()) for k in next(iter(err.values()))}
+    return ("Base choice and ranks (rows functional, energy, slots_kept_*; same 9 pruned blocks). Paper low-rank bases "
+            f"{diag['lowrank_bases']}; functional bases {diag['functional_bases']}. Energy ranks (total 9 x 32 = 288) "
+            f"on the low-rank bases {diag['energy_ranks_lowrank_bases']}, on the functional bases "
+            f"{diag['energy_ranks_functional_bases']}. Block-local error of a pruned block whose projections are "
+            "W_base + [W_pruned - W_base]_32 (mean over the 9 blocks): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
+            + " (shortgpt = skipping the block). Every rank-32 corrected base computes something further from the "
+            "pruned block than no block at all, so the functional choice can only pick the least harmful base "
+            "(here always one of blocks 0-2), and what a slot contributes comes from training, not from the base. "
+            "Row slots_kept_recipe (`--recipe slots_kept` on the r=32 run, 0 tokens only) starts at the same PPL as "
+            "slots_kept (a separately pruned r=16 run + kept LoRA r=7): halving the SVD adapters is the r=16 prune.")
+
+
+def decision_notes(pairs: list) -> str:
+    ratios = ", ".join(f"{b}{sfx}: {f / base:.3f} ({row})" for b, sfx, base, f, row in pairs)
+    wins = bool(pairs) and all(f <= 0.95 * base for _, _, base, f, _ in pairs)
+    head = ("Best FlexiGPT row / ShortGPT+LoRA PPL per budget (budget@schedule): " + ratios + ". ")
+    if wins:
+        return head + "A FlexiGPT recipe wins by >= 5% at every budget."
+    return head + DEFAULT_NOTE
+
+
+# Written from the measured rows above (re-check it when rows change).
+DEFAULT_NOTE = (
+    f"No FlexiGPT recipe beats ShortGPT+LoRA by >= 5% at every budget, so the default recipe stays `{DEFAULT_RECIPE}` "
+    "(`--recipe paper` is the published recipe; `--recipe slots_kept` is the best measured here, and the summary's "
+    "best_recipe is the best row at the largest budget: slots_kept_energy = `--recipe slots_kept` on a prune with "
+    "`rank_allocation=\"energy\"`). Trainable parameters are equal within 0.7% and stored bytes within 0.05% "
+    "(kept_only: +2.8%). Measured reasons: (1) FlexiGPT wins only at the smallest budget: at 2,048 tokens the best "
+    "rows are 0.88x (kept_only) and 0.89x (slots_kept_functional) of the baseline, at 4,096-8,192 tokens 0.99-1.01x, "
+    "at 20,480-40,960 tokens 0.99-1.02x (slots_kept on the r=16, energy-rank and functional-base prunes: 47.07, "
+    "46.92, 47.16 vs 46.42 at 40,960); the warm start lowers the start PPL (79-81 vs 89.2), but the baseline's "
+    "kept-block LoRA closes that gap within ~4k tokens. (2) The adapter budget has to go to the kept blocks: "
+    "slots-only recipes (flexiedge, functional, energy) are 12-13% worse than the baseline at 8,192 tokens and "
+    "{slots_only_40k} at 40,960, whatever the base choice or rank split, while slots_kept and kept_only track it. "
+    "A rank-32 correction of another block does not recover the pruned block (every corrected base is further from "
+    "it than skipping it, block-local errors above), so what the shared base weights add is small. (3) Neither new "
+    "setting closes the gap: the energy split of the same 288 ranks moves ranks by at most +-7 and PPL by < 2% "
+    "either way (46.92 vs 47.07 with slots_kept at 40,960; {energy_40k}); the functional bases help early "
+    "(slots_kept: 65.65 vs 69.18 at 2,048 tokens), lose at 8,192 (58.38 vs 56.83) and are even at 40,960 "
+    "(47.16 vs 47.07{functional_40k}).")
 
 
 def _fmt(v):

@@ -58,4 +58,6 @@ def adapter_init(w_pruned: torch.Tensor, w_base: torch.Tensor, rank: int, method
     of the difference; all of S goes into the output-side factor lora_B.
     """
     u, s, v = truncated_svd(w_pruned.float() - w_base.float(), rank, method)
-    return v.T.contiguous(), (u * s).contiguous()
+    # Fresh row-major copies: at rank 1, LAPACK's column-major U gives a (d, 1) tensor with stride (1, d) that
+    # counts as contiguous yet cannot be viewed as raw bytes by a tensor writer.
+    return (v.T.clone(memory_format=torch.contiguous_format), (u * s).clone(memory_format=torch.contiguous_format))

@@ -6,6 +6,7 @@ read it and never infer sharing from equal bytes.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,7 +17,8 @@ from .lowrank import low_rank_distance, low_rank_factors
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 METHODS = ("flexigpt", "shortgpt")
-SELECTIONS = ("lowrank", "frobenius")
+SELECTIONS = ("lowrank", "frobenius", "functional")
+RANK_ALLOCATIONS = ("uniform", "energy")
 
 
 @dataclass
@@ -26,13 +28,17 @@ class PruneConfig:
     blocks: int | None = None           # explicit number of blocks to prune
     method: str = "flexigpt"            # "flexigpt" (slots share a base) or "shortgpt" (plain removal)
     rank: int = 32                      # LoRA rank of every slot projection
-    selection: str = "lowrank"          # base choice: "lowrank" (paper) or "frobenius" (high-rank ablation)
+    selection: str = "lowrank"          # base choice: "lowrank" (paper), "frobenius" (high-rank ablation) or
+                                        # "functional" (closest output on the pruned block's own inputs)
     selection_rank: int | None = None   # r in the low-rank distance; defaults to `rank`
     svd_init: bool = True               # adapters from the SVD of W_pruned - W_base; else random A, zero B
     output_norm: bool = True            # LayerNorm (no bias) on slot attention/MLP outputs
     output_norm_init: float = 0.01      # gamma's initial value: small, so a slot starts near identity
     protect_ends: bool = True           # never prune the first and the last block
     svd: str = "auto"                   # "exact", "randomized" or "auto" (randomized above 2048 dims)
+    selection_tokens: int = 2048        # calibration tokens the functional base choice runs blocks on
+    rank_allocation: str = "uniform"    # "uniform" (every slot `rank`) or "energy" (same total, by the spectra
+                                        # of W_pruned - W_base)
 
     def num_to_prune(self, num_layers: int) -> int:
         if self.blocks is not None:
@@ -54,6 +60,11 @@ class PruneConfig:
             raise FlexiEdgeError(f"unknown base selection {self.selection!r}: use one of {', '.join(SELECTIONS)}")
         if self.rank < 0:
             raise FlexiEdgeError(f"--rank must be >= 0, got {self.rank}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise FlexiEdgeError(f"unknown rank allocation {self.rank_allocation!r}: use one of "
+                                 f"{', '.join(RANK_ALLOCATIONS)}")
+        if self.selection_tokens < 1:
+            raise FlexiEdgeError(f"selection_tokens must be >= 1, got {self.selection_tokens}")
 
 
 @dataclass
@@ -138,13 +149,54 @@ def choose_bases(distances: dict[int, dict[int, float]]) -> dict[int, int]:
     return {i: min(row, key=lambda j: (row[j], abs(i - j))) for i, row in distances.items()}
 
 
+def difference_energy(layers, bases: dict[int, int]) -> dict[int, torch.Tensor]:
+    """Per pruned block i: e[k] = sum over projections of s_k^2 / ||W_i||_F^2, s the singular values of W_i - W_base.
+
+    e[:r].sum() is the share of each projection's weight that a rank-r adapter restores (projections count
+    equally, as in `block_distances`). Cut at the smallest projection's rank so one slot rank fits all seven.
+    """
+    energy = {}
+    for i, j in bases.items():
+        wi, wj = projection_weights(layers[i]), projection_weights(layers[j])
+        spectra = [torch.linalg.svdvals(wi[n].float() - wj[n].float()).pow(2) / wi[n].float().pow(2).sum()
+                   for n in PROJECTIONS]
+        limit = min(len(s) for s in spectra)
+        energy[i] = sum(s[:limit] for s in spectra)
+    return energy
+
+
+def allocate_ranks(energy: dict[int, torch.Tensor], budget: int, floor: int = 1) -> dict[int, int]:
+    """Ranks summing to `budget` that capture the most energy: each next unit of rank goes to the slot whose
+    next singular value carries the most energy (optimal: every spectrum is non-increasing)."""
+    limit = {i: len(e) for i, e in energy.items()}
+    if budget < floor * len(energy) or budget > sum(limit.values()):
+        raise FlexiEdgeError(f"a total rank of {budget} cannot be split over {len(energy)} slots "
+                             f"(between {floor * len(energy)} and {sum(limit.values())})")
+    ranks = {i: floor for i in energy}
+    heap = [(-float(e[floor]), i) for i, e in energy.items() if floor < limit[i]]
+    heapq.heapify(heap)
+    for _ in range(budget - floor * len(energy)):
+        _, i = heapq.heappop(heap)
+        ranks[i] += 1
+        if ranks[i] < limit[i]:
+            heapq.heappush(heap, (-float(energy[i][ranks[i]]), i))
+    return ranks
+
+
+def energy_ranks(layers, bases: dict[int, int], rank: int) -> dict[int, int]:
+    """Per-slot ranks from the difference spectra, with the same total (hence adapter parameters) as `rank` each."""
+    return allocate_ranks(difference_energy(layers, bases), rank * len(bases))
+
+
 def make_plan(config: PruneConfig, scores: list[float], pruned: list[int],
-              bases: dict[int, int] | None) -> Plan:
+              bases: dict[int, int] | None, ranks: dict[int, int] | None = None) -> Plan:
+    """`ranks` (pruned block -> rank) overrides `config.rank` per slot."""
     num_layers = len(scores)
     if config.method == "shortgpt":
         layers = [LayerSpec(b) for b in range(num_layers) if b not in pruned]
     else:
-        layers = [LayerSpec(b, shares=bases[b], rank=config.rank) if b in pruned else LayerSpec(b)
+        ranks = ranks or {b: config.rank for b in pruned}
+        layers = [LayerSpec(b, shares=bases[b], rank=ranks[b]) if b in pruned else LayerSpec(b)
                   for b in range(num_layers)]
     return Plan(method=config.method, num_source_layers=num_layers, layers=layers, pruned=pruned,
                 block_influence=scores, output_norm=config.output_norm and config.method == "flexigpt",

@@ -4,9 +4,11 @@ Trained: each slot's LoRA adapters (lora_A, lora_B), output-norm gammas and own 
 `--kept-lora R` also a rank-R LoRA over each kept block's own weights (the ShortGPT+LoRA baseline).
 Everything else, in particular the base weights that slots share, gets no gradient.
 
-Two recipes (`--recipe`): `flexiedge` (default) first warm-starts every slot block-locally against the unpruned
+Recipes (`--recipe`): `flexiedge` (default) first warm-starts every slot block-locally against the unpruned
 model (flexiedge/warmstart.py) and trains on KL to the unpruned model's cached top-k next-token distribution
-(flexiedge/distill.py); `paper` is METHOD.md section 5 as published (slots start near identity, next-token loss).
+(flexiedge/distill.py); `slots_kept` does the same after moving half of every slot's adapter rank to LoRA on the
+kept blocks (`--kept-share 0.5`, same trainable parameters); `paper` is METHOD.md section 5 as published (slots
+start near identity, next-token loss).
 
 One device (a plain PyTorch loop; fp32 on CPU, bf16/fp16 autocast on a GPU):
 
@@ -14,6 +16,7 @@ One device (a plain PyTorch loop; fp32 on CPU, bf16/fp16 autocast on a GPU):
     flexiedge recover runs/smollm2-30-shortgpt --kept-lora 14 --tokens 20000 --out runs/smollm2-30-shortgpt-lora
     flexiedge recover runs/smollm2-30 --tokens 20000 --out runs/smollm2-30-rec --resume   # after Ctrl-C / a crash
     flexiedge recover runs/smollm2-30 --recipe paper --tokens 20000 --out runs/smollm2-30-paper
+    flexiedge recover runs/smollm2-30 --recipe slots_kept --tokens 20000 --out runs/smollm2-30-slots-kept
 
 Many GPUs (the same code, handed to accelerate + FSDP2; each base block shares one FSDP unit with its slots):
 
@@ -48,7 +51,7 @@ from .cache import atomic_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
-from .plan import Plan
+from .plan import PROJECTIONS, Plan
 from .train_config import RECIPES, TrainConfig, config_from
 
 TRAINER_STATE = "trainer_state.pt"
@@ -91,6 +94,25 @@ def add_kept_lora(model, plan: Plan, rank: int) -> None:
         if not spec.is_slot and not spec.rank:
             add_own_lora(model.model.layers[position], rank)
             spec.rank = rank
+
+
+def move_slot_rank_to_kept(model, plan: Plan, share: float) -> int:
+    """Cut every slot adapter to its leading round((1 - share) x rank) directions; return the kept-block LoRA rank
+    the freed adapter parameters pay for (a kept projection costs the same per rank as its slot counterpart)."""
+    freed = 0
+    for position in plan.slots:
+        spec = plan.layers[position]
+        rank = round(spec.rank * (1 - share))
+        for name in PROJECTIONS:
+            linear = model.model.layers[position].get_submodule(name)
+            # SVD init orders the columns of lora_B by singular value: the first `rank` are the best rank-r part.
+            linear.lora_A = nn.Parameter(linear.lora_A.detach()[:rank].clone())
+            linear.lora_B = nn.Parameter(linear.lora_B.detach()[:, :rank].clone())
+        freed, spec.rank = freed + spec.rank - rank, rank
+    kept = [spec for spec in plan.layers if not spec.is_slot]
+    if not kept or not freed:
+        raise FlexiEdgeError(f"--kept-share {share} frees no adapter rank for kept blocks: choose a larger share")
+    return max(1, round(freed / len(kept)))
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -264,12 +286,15 @@ def new_session(run_dir: Path, config: TrainConfig, parallel, state: dict | None
     source = ckpt.metadata.get("provenance", {})
     needs_teacher = config.distill > 0 or (config.warm_start_tokens and plan.slots and state is None)
     source_model = load_source(source, run_dir) if needs_teacher else None
+    kept_rank = config.kept_lora
+    if config.kept_share and state is None:  # before the warm start: it fits the adapters the slots keep
+        kept_rank = move_slot_rank_to_kept(model, plan, config.kept_share)
     warm = None
     if config.warm_start_tokens and plan.slots and state is None:
         warm = run_warm_start(model, plan, source_model, ckpt.tokenizer, config, parallel)
     torch.manual_seed(config.seed)  # new kept-LoRA adapters start the same way in every run
-    if config.kept_lora and state is None:
-        add_kept_lora(model, plan, config.kept_lora)
+    if kept_rank and state is None:
+        add_kept_lora(model, plan, kept_rank)
     names = trainable_names(model, plan, config.train_slot_norms, config.train_slots)
     if not names:
         raise FlexiEdgeError(f"{run_dir} has nothing to train: it has no slots; pass --kept-lora RANK to add "
@@ -475,14 +500,17 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--kept-lora", type=int, metavar="RANK", help="add rank-RANK LoRA on kept blocks (ShortGPT+LoRA)")
     p.add_argument("--no-slot-norms", action="store_true", help="keep the slots' RMSNorm weights frozen")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="flexiedge (default: warm start + distillation) "
-                   "or paper (the published recipe: slots start near identity, next-token loss)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="flexiedge (default: warm start + distillation), "
+                   "slots_kept (flexiedge with half the slot adapter rank on kept blocks) or paper (the published "
+                   "recipe: slots start near identity, next-token loss)")
     p.add_argument("--warm-start-tokens", type=int, help="calibration tokens for the slots' warm start (0 = off)")
     p.add_argument("--warm-start-steps", type=int, help="Adam steps per slot after the closed-form gammas")
     p.add_argument("--distill", type=float, metavar="W", help="weight of KL to the unpruned model (0 = off, 1 = KL only)")
     p.add_argument("--distill-topk", type=int, help="teacher log-probs cached per position (default 64)")
     p.add_argument("--norm-lr-scale", type=float, help="lr multiplier for norm gammas")
     p.add_argument("--frozen-slots", action="store_true", help="do not train the slots (only --kept-lora trains)")
+    p.add_argument("--kept-share", type=float, metavar="F", help="move this share of every slot's adapter rank "
+                   "to LoRA on the kept blocks (recipe slots_kept: 0.5)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--eval-sequences", type=int, help="held-out sequences per evaluation (0 = all)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
@@ -502,7 +530,7 @@ def _recover(args) -> None:
                          train_slot_norms=False if args.no_slot_norms else None, recipe=args.recipe,
                          warm_start_tokens=args.warm_start_tokens, warm_start_steps=args.warm_start_steps,
                          distill=args.distill, distill_topk=args.distill_topk, norm_lr_scale=args.norm_lr_scale,
-                         train_slots=False if args.frozen_slots else None)
+                         train_slots=False if args.frozen_slots else None, kept_share=args.kept_share)
     out = recover(Path(args.run), Path(args.out), config, resume=args.resume, overwrite=args.force,
                   stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) != 0:  # launched on many processes: the main one reports

@@ -14,10 +14,13 @@ from .data import CALIBRATION_TEXTS, TRAIN_TEXTS
 from .errors import FlexiEdgeError
 
 # Recipes fill the settings left at None. "paper" is METHOD.md section 5 as published (the slot starts near
-# identity, plain next-token loss); "flexiedge" is the best recipe measured in benchmarks/recovery_recipes.py.
+# identity, plain next-token loss); "flexiedge" adds the block-local warm start and distillation; "slots_kept"
+# is flexiedge with half of every slot's adapter rank moved to LoRA on the kept blocks (same trainable
+# parameters). Measured in benchmarks/recovery_recipes.py.
 RECIPES = {
-    "paper": dict(warm_start_tokens=0, warm_start_steps=0, distill=0.0, norm_lr_scale=1.0),
-    "flexiedge": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0),
+    "paper": dict(warm_start_tokens=0, warm_start_steps=0, distill=0.0, norm_lr_scale=1.0, kept_share=0.0),
+    "flexiedge": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0, kept_share=0.0),
+    "slots_kept": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0, kept_share=0.5),
 }
 DEFAULT_RECIPE = "flexiedge"
 
@@ -54,6 +57,9 @@ class TrainConfig:
     teacher_cache: str | None = None     # folder of cached teacher top-k (default: the flexiedge cache)
     norm_lr_scale: float | None = None   # lr multiplier for norm gammas (output norms, slot RMSNorms)
     train_slots: bool = True             # train the slots' adapters and norms (False: only --kept-lora trains)
+    kept_share: float | None = None      # share of each slot's adapter rank moved to LoRA on the kept blocks
+                                         # (its leading singular directions stay; the freed parameters set
+                                         # the kept-block rank); 0 = slots only
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -83,6 +89,11 @@ class TrainConfig:
             raise FlexiEdgeError(f"--distill must be between 0 and 1, got {self.distill}")
         if self.warm_start_init not in ("svd", "activation_aware"):
             raise FlexiEdgeError(f"unknown warm_start_init {self.warm_start_init!r}: use svd or activation_aware")
+        if not 0 <= self.kept_share < 1:
+            raise FlexiEdgeError(f"--kept-share must be in [0, 1), got {self.kept_share}")
+        if self.kept_share and self.kept_lora:
+            raise FlexiEdgeError("--kept-share sets the kept-block LoRA rank itself: drop --kept-lora (or use "
+                                 "--kept-share 0)")
         if self.distill_topk < 1 or self.warm_start_tokens < 0 or self.warm_start_steps < 0:
             raise FlexiEdgeError("distill_topk must be >= 1, warm_start_tokens and warm_start_steps >= 0")
 

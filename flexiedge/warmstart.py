@@ -26,10 +26,14 @@ Measured (SmolLM2-135M, 9 of 30 blocks, r=32; benchmarks/results/recovery_recipe
 the start PPL (132.3 and 87.6), so the default is step 1 alone. A slot given the pruned block's own weights
 (full rank) with closed-form gammas starts at 25.1 (unpruned 23.1): the output norm is not what limits the
 start, the rank-r adapter over a base block that computes something else is.
+
+The same cached activations give the functional base choice (`prune --selection functional`): the base whose
+SVD-corrected projections make the pruned block's output on its own inputs closest (`functional_distances`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -37,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import FlexiEdgeError
+from .lowrank import adapter_init
 from .plan import PROJECTIONS, Plan
 
 
@@ -264,3 +270,47 @@ def shortgpt_error(io: BlockIO) -> float:
     """The block-local error of skipping the block (identity): the ShortGPT reference."""
     return float(relative_error(io.inputs, io.outputs))
 
+
+
+# ---- functional base choice ------------------------------------------------------------------------------
+
+def _block_output(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def corrected_block_error(pruned_block, base_block, io: BlockIO, kwargs: dict, rank: int, batch_size: int = 4,
+                          svd: str = "auto") -> float:
+    """Block-local relative error of the pruned block with every projection replaced by W_base + [W_pruned - W_base]_r.
+
+    This is what a slot on `base_block` computes right after the SVD initialisation, before output norms
+    (its own RMSNorms are the pruned block's): the function the rank-r correction actually restores.
+    """
+    block = copy.deepcopy(pruned_block)
+    for name in PROJECTIONS:
+        w_pruned, w_base = pruned_block.get_submodule(name).weight, base_block.get_submodule(name).weight
+        lora_A, lora_B = adapter_init(w_pruned, w_base, rank, svd)
+        block.get_submodule(name).weight.copy_(w_base.float() + lora_B @ lora_A)
+    total, n = 0.0, len(io.inputs)
+    for i in range(0, n, batch_size):
+        x, y = io.inputs[i:i + batch_size], io.outputs[i:i + batch_size]
+        total += float(relative_error(_block_output(block, x, kwargs), y)) * len(x)
+    return total / n
+
+
+def functional_distances(source, pruned: list[int], kept: list[int], rank: int, windows: torch.Tensor,
+                         batch_size: int = 4, svd: str = "auto") -> dict[int, dict[int, float]]:
+    """distance[i][j] = `corrected_block_error` of pruned block i on base j, on block i's own calibration inputs.
+
+    One pass of the source model caches every pruned block's inputs and outputs; then each (i, j) pair
+    costs seven truncated SVDs and one block forward over the cached inputs.
+    """
+    n = len(windows) // batch_size * batch_size
+    if n == 0:
+        raise FlexiEdgeError(f"the functional base choice needs at least {batch_size} calibration windows, "
+                             f"got {len(windows)}")
+    ios, kwargs = capture_block_io(source, pruned, windows[:n], batch_size)
+    layers = source.model.layers
+    return {i: {j: corrected_block_error(layers[i], layers[j], ios[i], kwargs, rank, batch_size, svd) for j in kept}
+            for i in pruned}

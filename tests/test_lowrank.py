@@ -71,3 +71,9 @@ def test_plain_frobenius_and_low_rank_distances_are_both_available(tiny_model):
     high = block_distances(layers, [2], [1, 3], rank=4, selection="frobenius")
     assert low[2].keys() == high[2].keys() == {1, 3}
     assert all(v > 0 for v in list(low[2].values()) + list(high[2].values()))
+
+
+def test_adapter_factors_are_row_major_even_at_rank_1():
+    """A (d, 1) factor must have stride (1, 1): writers view tensors as raw bytes in row-major order."""
+    lora_A, lora_B = adapter_init(torch.randn(24, 40), torch.randn(24, 40), 1)
+    assert lora_A.stride() == (40, 1) and lora_B.stride() == (1, 1)

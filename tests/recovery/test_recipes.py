@@ -151,3 +151,32 @@ def test_activation_aware_adapter_is_the_optimal_rank_r_fit_on_the_inputs():
     assert float(err) == pytest.approx(float(s[4:].pow(2).sum().sqrt()), rel=1e-4)
     plain_A, plain_B = adapter_init(delta, torch.zeros_like(delta), 4)
     assert err < torch.linalg.norm((delta - plain_B @ plain_A) @ x.T)
+
+
+def test_recipe_slots_kept_moves_half_the_slot_rank_to_kept_blocks(tiny_run, tiny_text_file, tmp_path):
+    """Slots keep the leading half of their SVD adapters (= a rank-r/2 prune); the freed parameters become
+    LoRA on the kept blocks, so the trainable count matches the slots-only recipe's."""
+    common = dict(tokens=32 * 2, data=(str(tiny_text_file),), seq_len=32, batch_size=2, eval_every=0,
+                  eval_sequences=2, save_every=0, warm_start_tokens=0, distill=0.0)
+    out = recover(tiny_run(rank=4), tmp_path / "sk", config_from(None, recipe="slots_kept", **common),
+                  stop_after=0, progress=False)
+    ckpt = load_checkpoint(out)
+    half = load_checkpoint(tiny_run(rank=2, selection_rank=4, name="r2"))  # same bases as the rank-4 run
+    for p in ckpt.plan.slots:
+        assert ckpt.plan.layers[p].rank == 2
+        for name in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(ckpt.model.model.layers[p].self_attn.q_proj, name),
+                                       getattr(half.model.model.layers[p].self_attn.q_proj, name))
+    kept = [spec for spec in ckpt.plan.layers if not spec.is_slot]
+    assert all(spec.rank == 1 for spec in kept)  # 2 slots x 2 freed ranks over 4 kept blocks
+    slots_only = recover(tiny_run(rank=4, name="r4"), tmp_path / "so", config_from(None, recipe="flexiedge", **common),
+                         stop_after=0, progress=False)
+    trainable = [load_checkpoint(o).metadata["provenance"]["recovery"]["trainable_parameters"] for o in (out, slots_only)]
+    assert trainable[0] == trainable[1]
+
+
+def test_kept_share_with_an_explicit_kept_lora_is_one_clear_error():
+    from flexiedge.errors import FlexiEdgeError
+
+    with pytest.raises(FlexiEdgeError, match="drop --kept-lora"):
+        config_from(None, recipe="slots_kept", kept_lora=7)
