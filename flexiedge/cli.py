@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import FlexiEdgeError
+from .plan import RANK_ALLOCATIONS, SELECTIONS
 
 # Modules that add their own subcommands: each defines `add_commands(subparsers)`. Export formats
 # register under `flexiedge export FORMAT` with `add_export_command(export_subparsers)`.
@@ -23,6 +24,7 @@ def _prune(args) -> None:
 
     config = PruneConfig(ratio=args.ratio, blocks=args.blocks, method=args.method, rank=args.rank,
                          selection=args.selection, selection_rank=args.selection_rank,
+                         rank_allocation=args.rank_allocation,
                          svd_init=not args.no_svd_init, output_norm=not args.no_output_norm,
                          output_norm_init=args.output_norm_init, protect_ends=not args.allow_ends, svd=args.svd)
     calibration = CalibrationConfig(texts=tuple(args.calib or CalibrationConfig.texts), tokens=args.calib_tokens,
@@ -90,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, help="number of blocks to prune (overrides --ratio)")
     p.add_argument("--method", default="flexigpt", choices=["flexigpt", "shortgpt"])
     p.add_argument("--rank", type=int, default=32, help="LoRA rank per slot projection (default 32)")
-    p.add_argument("--selection", default="lowrank", choices=["lowrank", "frobenius"],
-                   help="base-block choice: low-rank SVD distance (paper) or plain Frobenius (ablation)")
+    p.add_argument("--selection", default="lowrank", choices=list(SELECTIONS),
+                   help="base-block choice: low-rank SVD distance (paper), plain Frobenius (ablation) or "
+                   "functional (the base whose rank-r corrected output on the pruned block's inputs is closest)")
+    p.add_argument("--rank-allocation", default="uniform", choices=list(RANK_ALLOCATIONS),
+                   help="uniform: every slot --rank; energy: the same total, split by the spectra of W_pruned - W_base")
     p.add_argument("--selection-rank", type=int, help="rank r of the SVD distance (default: --rank)")
     p.add_argument("--no-svd-init", action="store_true", help="ablation: random A / zero B adapters")
     p.add_argument("--no-output-norm", action="store_true", help="ablation: no output feature normalisation")

@@ -279,15 +279,16 @@ def recover(run_dir: Path, out: Path, config: TrainConfig, resume: bool = False,
 def new_session(run_dir: Path, config: TrainConfig, parallel, state: dict | None = None) -> Session:
     ckpt = load_checkpoint(run_dir)
     model, plan = ckpt.model, ckpt.plan
-    if plan.method == "extend" and (config.warm_start_tokens or config.distill):
+    if plan.method == "extend" and (config.warm_start_tokens or config.distill or config.kept_share):
         # Warm starts fit a slot to the block it replaced, and the teacher is the model itself: neither
-        # means anything for repeats that add depth, so extension always trains on next-token loss.
-        config = dataclasses.replace(config, warm_start_tokens=0, distill=0.0)
+        # means anything for repeats that add depth, so extension always trains on next-token loss, and
+        # its repeats keep their whole adapter rank (their adapters are what makes them unique).
+        config = dataclasses.replace(config, warm_start_tokens=0, distill=0.0, kept_share=0.0)
     source = ckpt.metadata.get("provenance", {})
     needs_teacher = config.distill > 0 or (config.warm_start_tokens and plan.slots and state is None)
     source_model = load_source(source, run_dir) if needs_teacher else None
     kept_rank = config.kept_lora
-    if config.kept_share and state is None:  # before the warm start: it fits the adapters the slots keep
+    if config.kept_share and plan.slots and state is None:  # before the warm start: it fits what slots keep
         kept_rank = move_slot_rank_to_kept(model, plan, config.kept_share)
     warm = None
     if config.warm_start_tokens and plan.slots and state is None:
@@ -500,9 +501,9 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--kept-lora", type=int, metavar="RANK", help="add rank-RANK LoRA on kept blocks (ShortGPT+LoRA)")
     p.add_argument("--no-slot-norms", action="store_true", help="keep the slots' RMSNorm weights frozen")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="flexiedge (default: warm start + distillation), "
-                   "slots_kept (flexiedge with half the slot adapter rank on kept blocks) or paper (the published "
-                   "recipe: slots start near identity, next-token loss)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="slots_kept (default: half the slot adapter rank "
+                   "moved to kept blocks, warm start + distillation), flexiedge (all the rank on the slots, warm "
+                   "start + distillation) or paper (the published recipe: slots start near identity, next-token loss)")
     p.add_argument("--warm-start-tokens", type=int, help="calibration tokens for the slots' warm start (0 = off)")
     p.add_argument("--warm-start-steps", type=int, help="Adam steps per slot after the closed-form gammas")
     p.add_argument("--distill", type=float, metavar="W", help="weight of KL to the unpruned model (0 = off, 1 = KL only)")

@@ -192,7 +192,8 @@ class SafetensorsWriter:
         got = (name, tensor.dtype, tuple(tensor.shape))
         if got != want:
             raise ValueError(f"expected {want} next, got {got}")
-        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy() if tensor.numel() else b""
+        # reshape first: a "contiguous" tensor may keep odd strides on size-1 dimensions, which view() refuses
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         self._emit(memoryview(data))
 
     def close(self) -> str:

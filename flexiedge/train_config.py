@@ -16,13 +16,13 @@ from .errors import FlexiEdgeError
 # Recipes fill the settings left at None. "paper" is METHOD.md section 5 as published (the slot starts near
 # identity, plain next-token loss); "flexiedge" adds the block-local warm start and distillation; "slots_kept"
 # is flexiedge with half of every slot's adapter rank moved to LoRA on the kept blocks (same trainable
-# parameters). Measured in benchmarks/recovery_recipes.py.
+# parameters), the default because it recovered best at every budget measured in benchmarks/recovery_recipes.py.
 RECIPES = {
     "paper": dict(warm_start_tokens=0, warm_start_steps=0, distill=0.0, norm_lr_scale=1.0, kept_share=0.0),
     "flexiedge": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0, kept_share=0.0),
     "slots_kept": dict(warm_start_tokens=2048, warm_start_steps=0, distill=1.0, norm_lr_scale=1.0, kept_share=0.5),
 }
-DEFAULT_RECIPE = "flexiedge"
+DEFAULT_RECIPE = "slots_kept"
 
 
 @dataclass
@@ -66,7 +66,8 @@ class TrainConfig:
             raise FlexiEdgeError(f"unknown recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                # an explicit --kept-lora rank is the user's choice: the recipe's kept share yields to it
+                setattr(self, name, 0.0 if name == "kept_share" and self.kept_lora else value)
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * world_size

@@ -10,7 +10,7 @@ from flexiedge.errors import FlexiEdgeError
 from flexiedge.tensorfile import INDEX, SafetensorsWriter, TensorFiles, write_tensors
 from flexiedge.models import file_sha256
 
-TENSORS = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
+TENSORS = {"f32": torch.randn(3, 5), "size1_odd_stride": torch.randn(1, 5).t(), "bf16": torch.randn(7).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
            "i64": torch.arange(4), "empty": torch.zeros(0, 3)}
 
 

@@ -128,7 +128,7 @@ def test_default_recipe_warm_starts_and_distils(tiny_run, tiny_text_file, tmp_pa
     config = TrainConfig(tokens=32 * 2 * 2, data=(str(tiny_text_file),), seq_len=32, batch_size=2, eval_every=0,
                          eval_sequences=2, save_every=0, warm_start_data=(str(tiny_text_file),),
                          warm_start_tokens=256, teacher_cache=str(tmp_path / "teacher"))
-    assert config.recipe == "flexiedge" and config.distill > 0
+    assert config.recipe == "slots_kept" and config.distill > 0 and config.kept_share == 0.5
     run = tiny_run()
     out = recover(run, tmp_path / "rec", config, stop_after=0, progress=False)  # the warm start only
     warm = load_checkpoint(out).metadata["provenance"]["recovery"]["warm_start"]
@@ -179,4 +179,8 @@ def test_kept_share_with_an_explicit_kept_lora_is_one_clear_error():
     from flexiedge.errors import FlexiEdgeError
 
     with pytest.raises(FlexiEdgeError, match="drop --kept-lora"):
-        config_from(None, recipe="slots_kept", kept_lora=7)
+        config_from(None, kept_share=0.5, kept_lora=7)
+
+
+def test_an_explicit_kept_lora_replaces_the_recipes_kept_share():
+    assert config_from(None, recipe="slots_kept", kept_lora=7).kept_share == 0

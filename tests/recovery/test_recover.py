@@ -44,18 +44,20 @@ def is_trainable(name: str, plan: Plan) -> bool:
     return plan.layers[position].is_slot and "norm" in name
 
 
-@pytest.mark.parametrize("method, kept_lora", [
-    ("flexigpt", 0),   # slots: adapters, output norms and slot RMSNorms train
-    ("flexigpt", 2),   # plus LoRA over the kept blocks' own weights
-    ("shortgpt", 3),   # the ShortGPT+LoRA baseline: only kept-block LoRA exists
+@pytest.mark.parametrize("method, kept_lora, recipe", [
+    ("flexigpt", 0, "flexiedge"),   # slots: adapters, output norms and slot RMSNorms train
+    ("flexigpt", 0, "slots_kept"),  # the default: half the slot rank moves to new LoRA on the kept blocks
+    ("flexigpt", 2, "slots_kept"),  # an explicit kept-block rank instead of the recipe's share
+    ("shortgpt", 3, "slots_kept"),  # the ShortGPT+LoRA baseline: only kept-block LoRA exists
 ])
-def test_only_intended_parameters_change(tiny_run, train_config, tmp_path, method, kept_lora):
+def test_only_intended_parameters_change(tiny_run, train_config, tmp_path, method, kept_lora, recipe):
     run = tiny_run(method=method)
-    out = recover(run, tmp_path / "rec", train_config(kept_lora=kept_lora), progress=False)
+    out = recover(run, tmp_path / "rec", train_config(kept_lora=kept_lora, recipe=recipe), progress=False)
     before, after = stored(run), stored(out)
     plan = Plan.from_json(read_metadata(out)["plan"])
     new = set(after) - set(before)
-    assert all(n.endswith(("lora_A", "lora_B")) for n in new) and (bool(new) == bool(kept_lora))
+    adds_kept_lora = bool(kept_lora) or (recipe == "slots_kept" and method == "flexigpt")
+    assert all(n.endswith(("lora_A", "lora_B")) for n in new) and (bool(new) == adds_kept_lora)
     for name, tensor in after.items():
         if name in new:
             continue
