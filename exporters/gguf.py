@@ -45,6 +45,7 @@ from gguf import GGMLQuantizationType as Q
 
 from flexiedge.cache import atomic_dir
 from flexiedge.errors import FlexiEdgeError
+from flexiedge.memory import StageLog
 from flexiedge.plan import PROJECTIONS, Plan
 
 from . import ggml_quant
@@ -557,13 +558,16 @@ def add_export_command(export_subparsers) -> None:
     p.add_argument("--layout", default="compact", choices=LAYOUTS,
                    help="compact: aliases, patched runtime; stock: any llama.cpp (no output norms)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back and parity checks")
+    p.add_argument("--report-memory", action="store_true", help="print the export's time and peak RSS")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
 
 def _export(args) -> None:
     config = GGUFExportConfig(type=args.type, layout=args.layout, verify=not args.no_verify)
-    report = export_gguf(Path(args.run), Path(args.out), config, overwrite=args.force)
+    log = StageLog(print_to_stderr=args.report_memory)
+    with log.stage("export_gguf"):
+        report = export_gguf(Path(args.run), Path(args.out), config, overwrite=args.force)
     s = report["storage"]
     print(f"wrote {args.out}: model.gguf {s['model_bytes'] / 2**20:.1f} MiB + adapters.gguf "
           f"{s['adapter_bytes'] / 2**20:.1f} MiB ({s['bytes_over_unique']:.4f} x the unique parameters' bytes)")

@@ -44,6 +44,7 @@ from torch import nn
 from flexiedge.cache import atomic_dir
 from flexiedge.checkpoint import load_checkpoint
 from flexiedge.errors import FlexiEdgeError
+from flexiedge.memory import StageLog
 
 from . import onnx_graph as graph
 
@@ -577,6 +578,7 @@ def add_export_command(export_subparsers) -> None:
                    "weight from the checkpoint as it is written (bounded memory; the default for checkpoints over "
                    "2 GiB in fp32 or stored in bf16/fp16)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
+    p.add_argument("--report-memory", action="store_true", help="print the export's time and peak RSS")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
@@ -586,7 +588,9 @@ def _export(args) -> None:
                               accuracy_level=args.accuracy_level,
                               quantize_adapters=args.quantize_adapters, verify=not args.no_verify,
                               streaming=args.stream)
-    report = export_onnx(Path(args.run), Path(args.out), config, overwrite=args.force, draft=args.draft)
+    log = StageLog(print_to_stderr=args.report_memory)
+    with log.stage("export_onnx"):
+        report = export_onnx(Path(args.run), Path(args.out), config, overwrite=args.force, draft=args.draft)
     s = report["storage"]
     print(f"wrote {args.out}: {s['data_bytes'] / 2**20:.1f} MiB of weights ({s['bytes_over_unique']:.4f} x unique "
           f"parameters at {config.precision}), shared weights stored once: {s['shared_single_copy']}")
