@@ -69,3 +69,26 @@ def test_stage_log_measures_a_stage():
         block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
         del block
     assert log.records[0]["stage"] == "allocate" and log.records[0]["peak_rss_gb"] > 0.06
+
+
+def test_streamed_prune_never_loads_the_whole_model(monkeypatch, tmp_path, tiny_model_dir, tiny_text_file):
+    import flexiedge.prune as prune_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(prune_module, "load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+    calibration = CalibrationConfig(texts=(str(tiny_text_file),), tokens=128, seq_len=64)
+    run = prune(str(tiny_model_dir()), tmp_path / "run", PruneConfig(blocks=2, rank=4), calibration, stream=True)
+    assert (run / "model.safetensors").is_file()
+
+
+def test_automatic_streaming_follows_available_memory(monkeypatch, tiny_model_dir):
+    import flexiedge.prune as prune_module
+
+    folder = tiny_model_dir()
+    monkeypatch.setattr(prune_module, "available_memory_bytes", lambda: 10**12)
+    assert not prune_module.needs_streaming(folder)
+    monkeypatch.setattr(prune_module, "available_memory_bytes", lambda: 10**3)
+    assert prune_module.needs_streaming(folder)
