@@ -33,8 +33,7 @@ from .memory import StageLog
 from .plan import PROJECTIONS, Plan, PruneConfig, choose_bases, make_plan, select_pruned_blocks
 from .tensorfile import SafetensorsWriter, TensorFiles
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class BlockSource:
@@ -189,14 +188,21 @@ def write_streamed_checkpoint(source: BlockSource, plan: Plan, adapters: dict[st
         if isinstance(layer_types, list) and len(layer_types) == plan.num_source_layers:
             config.layer_types = [layer_types[s.source_block] for s in plan.layers]
         config.save_pretrained(tmp)
-        for f in TOKENIZER_FILES:
-            if (tokenizer_from / f).is_file():
-                shutil.copy2(tokenizer_from / f, tmp / f)
+        for f in side_files(tokenizer_from):
+            shutil.copy2(f, tmp / f.name)
         metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, plan=plan.to_json(), parameters=counts,
                         weights=dict(file=WEIGHTS, sha256=w.sha256, bytes=(tmp / WEIGHTS).stat().st_size),
                         provenance=dict(provenance, **_versions()))
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     return out
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The source folder's tokenizer, chat template and generation config: every file but weights and configs."""
+    skip = {"config.json", "model.safetensors.index.json", METADATA}
+    return [f for f in sorted(Path(folder).iterdir())
+            if f.is_file() and f.name not in skip and not f.name.endswith(WEIGHT_SUFFIXES)
+            and not f.name.startswith(".")]
 
 
 def prune_blockwise(folder: Path, out: Path, config: PruneConfig, calibration, model_spec: str,
