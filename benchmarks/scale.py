@@ -189,6 +189,8 @@ def main() -> None:
     def save():
         partial.write_text(json.dumps(done, indent=2))
 
+    done.setdefault("invocations", []).append(" ".join(["python", *sys.argv]))  # a resumed run has several
+
     for size in args.sizes:
         exports = {} if args.only_prune else {k: v for k, v in EXPORTS.items() if k in args.exports}
         run_size(size, args.work, args, env, done.setdefault(size, {}), save, exports)
@@ -209,7 +211,8 @@ def main() -> None:
         sum(c["same_base"] for c in checks) / sum(c["slots"] for c in checks), 3)
     settings = dict(sizes=args.sizes, shapes={s: SHAPES[s] for s in args.sizes}, ratio=0.3, rank=32,
                     svd="randomized", calib_tokens=args.calib_tokens, seq_len=args.seq_len, threads=args.threads,
-                    load_average=os.getloadavg(), weights="random N(0, 0.02), bf16 shards")
+                    load_average=os.getloadavg(), weights="random N(0, 0.02), bf16 shards",
+                    invocations=done["invocations"])
     print(json.dumps(summary, indent=2))
     write_result("scale", summary, settings, dict(rows=rows, generate_7b_q4k=generated,
                                                   randomized_svd_check=done["randomized_check"]), table(rows))
