@@ -24,13 +24,14 @@ import torch
 from tqdm import tqdm
 
 from .cache import atomic_dir, atomic_file
-from .checkpoint import FORMAT, FORMAT_VERSION, METADATA, WEIGHTS, _versions
+from .checkpoint import FORMAT, FORMAT_VERSION, METADATA, WEIGHTS, software_versions
 from .data import text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .influence import block_influence_from_states
-from .lowrank import adapter_init, low_rank_distance, low_rank_factors
+from .lowrank import adapter_init
 from .memory import StageLog
-from .plan import PROJECTIONS, Plan, PruneConfig, choose_bases, make_plan, select_pruned_blocks
+from .plan import (PROJECTIONS, Plan, PruneConfig, block_factors, choose_bases, low_rank_distances, make_plan,
+                   select_pruned_blocks)
 from .tensorfile import SafetensorsWriter, TensorFiles
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -101,14 +102,9 @@ def streamed_block_influence(source: BlockSource, windows: torch.Tensor, batch_s
 def streamed_bases(source: BlockSource, pruned: list[int], kept: list[int], rank: int, svd: str,
                    progress: bool = True) -> dict[int, int]:
     """The paper's low-rank base choice, with each block's rank-r factors computed from one block in memory."""
-    factors = {}
-    for b in tqdm(pruned + kept, desc="low-rank factors", unit="block", disable=not progress):
-        factors[b] = {name: low_rank_factors(w, rank, svd) for name, w in source.projection_weights(b).items()}
-
-    def dist(i, j, name):
-        return low_rank_distance(factors[i][name], factors[j][name], rank) / float(factors[i][name][0].norm())
-
-    return choose_bases({i: {j: sum(dist(i, j, n) for n in PROJECTIONS) for j in kept} for i in pruned})
+    factors = {b: block_factors(source.projection_weights(b), rank, svd)
+               for b in tqdm(pruned + kept, desc="low-rank factors", unit="block", disable=not progress)}
+    return choose_bases(low_rank_distances(factors, pruned, kept, rank))
 
 
 def streamed_adapters(source: BlockSource, plan: Plan, svd: str, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -192,7 +188,7 @@ def write_streamed_checkpoint(source: BlockSource, plan: Plan, adapters: dict[st
             shutil.copy2(f, tmp / f.name)
         metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, plan=plan.to_json(), parameters=counts,
                         weights=dict(file=WEIGHTS, sha256=w.sha256, bytes=(tmp / WEIGHTS).stat().st_size),
-                        provenance=dict(provenance, **_versions()))
+                        provenance=dict(provenance, **software_versions()))
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     return out
 

@@ -76,7 +76,7 @@ def save_checkpoint(model, tokenizer, plan: Plan, out: Path, provenance: dict, o
         metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, plan=plan.to_json(), parameters=counts,
                         weights=dict(file=WEIGHTS, sha256=sha256,
                                      bytes=(tmp / WEIGHTS).stat().st_size),
-                        provenance=dict(provenance, **_versions()))
+                        provenance=dict(provenance, **software_versions()))
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     return out
 
@@ -168,7 +168,7 @@ def _check_sharing(model, plan: Plan) -> None:
                 raise RuntimeError(f"slot {position} {name} does not share its base's Parameter")
 
 
-def _versions() -> dict:
+def software_versions() -> dict:
     import transformers
     import flexiedge
     return dict(flexiedge=flexiedge.__version__, torch=torch.__version__, transformers=transformers.__version__,

@@ -135,12 +135,21 @@ def block_distances(layers, pruned: list[int], kept: list[int], rank: int,
             return float((wi - wj).norm() / wi.norm())
         weights = {b: projection_weights(layers[b]) for b in pruned + kept}
     else:
-        factors = {b: {n: low_rank_factors(w, rank, svd) for n, w in projection_weights(layers[b]).items()}
-                   for b in pruned + kept}
+        factors = {b: block_factors(projection_weights(layers[b]), rank, svd) for b in pruned + kept}
+        return low_rank_distances(factors, pruned, kept, rank)
+    return {i: {j: sum(dist(i, j, name) for name in PROJECTIONS) for j in kept} for i in pruned}
 
-        def dist(i, j, name):
-            li, _ = factors[i][name]
-            return low_rank_distance(factors[i][name], factors[j][name], rank) / float(li.norm())
+
+def block_factors(weights: dict[str, torch.Tensor], rank: int, svd: str = "auto") -> dict[str, tuple]:
+    """Rank-r factors (L, R) of each projection of one block: all the base choice needs of it."""
+    return {name: low_rank_factors(w, rank, svd) for name, w in weights.items()}
+
+
+def low_rank_distances(factors: dict[int, dict[str, tuple]], pruned: list[int], kept: list[int],
+                       rank: int) -> dict[int, dict[int, float]]:
+    """The paper's distance between every pruned and kept block, from their `block_factors`."""
+    def dist(i, j, name):
+        return low_rank_distance(factors[i][name], factors[j][name], rank) / float(factors[i][name][0].norm())
     return {i: {j: sum(dist(i, j, name) for name in PROJECTIONS) for j in kept} for i in pruned}
 
 
