@@ -9,14 +9,17 @@ The same stages as `prune.py`, with the same results, but the source model is ne
     save          model.safetensors streamed tensor by tensor from the source shards and the adapters;
                   the source dtype is kept (bf16 stays bf16)
 
-Peak memory is about two blocks in fp32 plus the embedding matrix (~3.5 GB for LLaMA-2-7B).
+Peak memory is about two blocks in fp32 plus the embedding matrix (~3.5 GB for LLaMA-2-7B). An
+interrupted run (a 7B takes ~15 minutes here) resumes from the pieces it finished: see `WorkCache`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from .lowrank import adapter_init
 from .memory import StageLog
 from .plan import (PROJECTIONS, Plan, PruneConfig, block_factors, choose_bases, low_rank_distances, make_plan,
                    select_pruned_blocks)
-from .tensorfile import SafetensorsWriter, TensorFiles
+from .tensorfile import SafetensorsWriter, TensorFiles, write_tensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -69,6 +72,11 @@ class BlockSource:
     def projection_weights(self, i: int) -> dict[str, torch.Tensor]:
         return {name: self.files.get(f"model.layers.{i}.{name}.weight", torch.float32) for name in PROJECTIONS}
 
+    def fingerprint(self) -> dict:
+        """What identifies the source weights without reading them: each file's path, size and mtime."""
+        files = sorted({info.file for info in self.files.tensors.values()})
+        return {str(f.resolve()): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+
     def source_parameters(self) -> int:
         return sum(info.numel for info in self.files.tensors.values())
 
@@ -99,25 +107,73 @@ def streamed_block_influence(source: BlockSource, windows: torch.Tensor, batch_s
     return scores
 
 
+class WorkCache:
+    """The finished pieces of a streamed prune (scores, each block's factors, each slot's adapters) in
+    OUT.work/, so that an interrupted run resumes where it stopped. A run with other settings or another
+    source starts afresh; the folder is removed once the checkpoint is written."""
+
+    def __init__(self, out: Path, key: dict):
+        self.folder = Path(out).with_name(Path(out).name + ".work")
+        stamp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        if self.folder.exists() and self._read_stamp() != stamp:
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "key.txt").write_text(stamp)
+        self.reused = 0
+
+    def _read_stamp(self) -> str | None:
+        path = self.folder / "key.txt"
+        return path.read_text() if path.is_file() else None
+
+    def tensors(self, name: str, compute) -> dict[str, torch.Tensor]:
+        """`compute()` (a dict of tensors), or what an earlier run saved under `name`."""
+        path = self.folder / f"{name}.safetensors"
+        if path.is_file():
+            self.reused += 1
+            with TensorFiles.open(path) as files:
+                return {n: files.get(n) for n in files.names}
+        result = compute()
+        with atomic_file(path) as tmp:
+            write_tensors(tmp, {n: t.contiguous() for n, t in result.items()})
+        return result
+
+    def scores(self, compute) -> list[float]:
+        return self.tensors("scores", lambda: {"scores": torch.tensor(compute(), dtype=torch.float64)})["scores"].tolist()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def streamed_bases(source: BlockSource, pruned: list[int], kept: list[int], rank: int, svd: str,
-                   progress: bool = True) -> dict[int, int]:
+                   cache: WorkCache, progress: bool = True) -> dict[int, int]:
     """The paper's low-rank base choice, with each block's rank-r factors computed from one block in memory."""
-    factors = {b: block_factors(source.projection_weights(b), rank, svd)
-               for b in tqdm(pruned + kept, desc="low-rank factors", unit="block", disable=not progress)}
+    factors = {}
+    for b in tqdm(pruned + kept, desc="low-rank factors", unit="block", disable=not progress):
+        flat = cache.tensors(f"factors-{b}", lambda: {f"{n}.{side}": f for n, lr in
+                                                      block_factors(source.projection_weights(b), rank, svd).items()
+                                                      for side, f in zip("LR", lr)})
+        factors[b] = {n: (flat[f"{n}.L"], flat[f"{n}.R"]) for n in PROJECTIONS}
     return choose_bases(low_rank_distances(factors, pruned, kept, rank))
 
 
-def streamed_adapters(source: BlockSource, plan: Plan, svd: str, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Each slot's SVD-initialised LoRA factors, by their checkpoint names (fp32)."""
+def slot_adapters(source: BlockSource, plan: Plan, position: int, svd: str) -> dict[str, torch.Tensor]:
+    """One slot's SVD-initialised LoRA factors, by their checkpoint names (fp32)."""
+    spec = plan.layers[position]
+    pruned_w = source.projection_weights(spec.source_block)
+    base_w = source.projection_weights(plan.layers[spec.shares].source_block)
+    out = {}
+    for name in PROJECTIONS:
+        lora_A, lora_B = adapter_init(pruned_w[name], base_w[name], spec.rank, svd)
+        out[f"model.layers.{position}.{name}.lora_A"] = lora_A
+        out[f"model.layers.{position}.{name}.lora_B"] = lora_B
+    return out
+
+
+def streamed_adapters(source: BlockSource, plan: Plan, svd: str, cache: WorkCache,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
     out = {}
     for position in tqdm(plan.slots, desc="slot adapters", unit="slot", disable=not progress):
-        spec = plan.layers[position]
-        base_block = plan.layers[spec.shares].source_block
-        pruned_w, base_w = source.projection_weights(spec.source_block), source.projection_weights(base_block)
-        for name in PROJECTIONS:
-            lora_A, lora_B = adapter_init(pruned_w[name], base_w[name], spec.rank, svd)
-            out[f"model.layers.{position}.{name}.lora_A"] = lora_A
-            out[f"model.layers.{position}.{name}.lora_B"] = lora_B
+        out.update(cache.tensors(f"adapters-{position}", lambda: slot_adapters(source, plan, position, svd)))
     return out
 
 
@@ -216,30 +272,36 @@ def prune_blockwise(folder: Path, out: Path, config: PruneConfig, calibration, m
         raise FlexiEdgeError(f"{out} already exists: choose another --out or pass --force to replace it")
     log = log or StageLog()
     source = BlockSource(folder)
+    cache = WorkCache(Path(out), dict(source=source.fingerprint(), config=asdict(config),
+                                      calibration=asdict(calibration)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         with log.stage("score"):
             ids = tokenize_texts(tokenizer, calibration.texts)
             windows = token_windows(ids, calibration.seq_len, calibration.tokens)
-            scores = streamed_block_influence(source, windows, calibration.batch_size)
+            scores = cache.scores(lambda: streamed_block_influence(source, windows, calibration.batch_size))
         with log.stage("select_init"):
             pruned = select_pruned_blocks(scores, config.num_to_prune(len(scores)), config.protect_ends)
             bases, adapters = None, {}
             if config.method == "flexigpt":
                 kept = [b for b in range(len(scores)) if b not in pruned]
                 rank = config.selection_rank or max(config.rank, 1)
-                bases = streamed_bases(source, pruned, kept, rank, config.svd)
+                bases = streamed_bases(source, pruned, kept, rank, config.svd, cache)
             plan = make_plan(config, scores, pruned, bases)
             if config.method == "flexigpt" and config.rank and config.svd_init:
-                adapters = streamed_adapters(source, plan, config.svd)
+                adapters = streamed_adapters(source, plan, config.svd, cache)
             elif config.method == "flexigpt" and config.rank:
                 raise FlexiEdgeError("--no-svd-init is not available with --stream")
         calib = dict(asdict(calibration), texts=text_provenance(calibration.texts), tokens_used=windows.numel())
         provenance = dict(source_model=str(model_spec), source_folder=str(folder),
                           source_parameters=source.source_parameters(), calibration=calib, streamed=True,
                           stages=log.records)
+        if cache.reused:
+            print(f"flexiedge: resumed an interrupted prune ({cache.reused} finished pieces reused from "
+                  f"{cache.folder})", file=sys.stderr)
         with log.stage("save"):
             write_streamed_checkpoint(source, plan, adapters, Path(out), provenance, Path(folder), overwrite)
+        cache.remove()
     finally:
         source.close()
     _record_stages(Path(out), log.records)

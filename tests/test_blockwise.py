@@ -92,3 +92,37 @@ def test_automatic_streaming_follows_available_memory(monkeypatch, tiny_model_di
     assert not prune_module.needs_streaming(folder)
     monkeypatch.setattr(prune_module, "available_memory_bytes", lambda: 10**3)
     assert prune_module.needs_streaming(folder)
+
+
+def test_an_interrupted_streamed_prune_resumes_from_its_finished_pieces(monkeypatch, tmp_path, tiny_model_dir,
+                                                                        tiny_text_file):
+    import flexiedge.blockwise as blockwise
+
+    folder, calls = tiny_model_dir(), []
+    calibration = CalibrationConfig(texts=(str(tiny_text_file),), tokens=128, seq_len=64)
+    config = PruneConfig(blocks=2, rank=4)
+    reference = prune(str(folder), tmp_path / "reference", config, calibration, stream=True)
+
+    real_slot_adapters = blockwise.slot_adapters
+
+    def interrupted(*args):
+        calls.append("adapters")
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second slot
+        return real_slot_adapters(*args)
+
+    monkeypatch.setattr(blockwise, "slot_adapters", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(folder), tmp_path / "run", config, calibration, stream=True)
+    assert not (tmp_path / "run").exists() and (tmp_path / "run.work").is_dir()
+
+    monkeypatch.setattr(blockwise, "streamed_block_influence", lambda *a, **k: pytest.fail("scores recomputed"))
+    monkeypatch.setattr(blockwise, "block_factors", lambda *a, **k: pytest.fail("factors recomputed"))
+    calls.clear()
+    run = prune(str(folder), tmp_path / "run", config, calibration, stream=True)
+    assert calls == ["adapters"]  # only the slot that was interrupted
+    assert not (tmp_path / "run.work").exists()
+    resumed, fresh = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == fresh.keys()
+    for name in fresh:
+        torch.testing.assert_close(resumed[name], fresh[name], rtol=0, atol=0, msg=name)
