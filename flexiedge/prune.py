@@ -109,7 +109,10 @@ def prune(model_spec: str, out: Path, config: PruneConfig, calibration: Calibrat
 
 
 def needs_streaming(folder: Path, fraction: float = 0.4) -> bool:
-    """Whether the model in fp32 would take more than `fraction` of the memory available now."""
+    """Whether the model in fp32 would take more than `fraction` of the memory available now (only
+    safetensors folders can stream; others, such as pytorch_model.bin, load whole)."""
+    if not any(Path(folder).glob("*.safetensors")):
+        return False
     return fp32_bytes(folder) > fraction * available_memory_bytes()
 
 

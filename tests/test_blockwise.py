@@ -126,3 +126,14 @@ def test_an_interrupted_streamed_prune_resumes_from_its_finished_pieces(monkeypa
     assert resumed.keys() == fresh.keys()
     for name in fresh:
         torch.testing.assert_close(resumed[name], fresh[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_folder_without_safetensors_is_pruned_in_memory(tmp_path, tiny_model, tiny_tokenizer, tiny_text_file):
+    folder = tmp_path / "bin-model"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")  # an older checkpoint's layout
+    (folder / "model.safetensors").unlink()
+    calibration = CalibrationConfig(texts=(str(tiny_text_file),), tokens=128, seq_len=64)
+    run = prune(str(folder), tmp_path / "run", PruneConfig(blocks=2, rank=4), calibration)
+    assert (run / "model.safetensors").is_file()
