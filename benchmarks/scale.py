@@ -214,7 +214,10 @@ def main() -> None:
                     load_average=os.getloadavg(), weights="random N(0, 0.02), bf16 shards",
                     invocations=done["invocations"])
     print(json.dumps(summary, indent=2))
-    write_result("scale", summary, settings, dict(rows=rows, generate_7b_q4k=generated,
+    per_stage = {s: dict(time=round(growth_exponent([r["params"] for r in rows], [r[s]["seconds"] for r in rows]), 3),
+                         memory=round(growth_exponent([r["params"] for r in rows], [r[s]["peak_rss_gb"] for r in rows]), 3))
+                 for s in STAGES} if len(rows) > 1 else {}
+    write_result("scale", summary, settings, dict(rows=rows, generate_7b_q4k=generated, growth_exponent_per_stage=per_stage,
                                                   randomized_svd_check=done["randomized_check"]), table(rows))
 
 
