@@ -68,3 +68,22 @@ def _by_length(windows):
     for w in windows:
         lengths.setdefault(w[1] - w[0], []).append(w)
     return lengths.values()
+
+
+def perplexity_of_logits(logits_of, ids, context: int = 512, stride: int | None = None,
+                         max_tokens: int | None = None) -> PerplexityResult:
+    """`perplexity` for a numpy runtime (onnxruntime, llama.cpp): `logits_of(window ids) -> (T, vocab)`
+    next-token logits of a fresh sequence; the same windows and scored tokens."""
+    import numpy as np
+
+    ids = np.asarray(ids, np.int64).reshape(-1)[: None if max_tokens is None else max_tokens + 1]
+    stride = stride or context
+    nll, count = 0.0, 0
+    for begin, end, first in sliding_windows(len(ids), context, stride):
+        pred = np.asarray(logits_of(ids[begin:end]))[first - begin - 1:end - begin - 1].astype(np.float64)
+        top = pred.max(-1)
+        log_z = np.log(np.exp(pred - top[:, None]).sum(-1)) + top
+        nll += float((log_z - pred[np.arange(len(pred)), ids[first:end]]).sum())
+        count += end - first
+    mean = nll / count
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, context=context, stride=stride)

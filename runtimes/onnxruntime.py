@@ -23,7 +23,6 @@ every weight they share mapped ONCE from model.onnx.data and handed to both sess
 from __future__ import annotations
 
 import json
-import math
 import os
 import time as _time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from flexiedge.errors import FlexiEdgeError
-from flexiedge.runtimes.sampling import pick
+from flexiedge.runtimes.sampling import sample_tokens
 
 
 @dataclass
@@ -144,40 +143,25 @@ class OrtModel:
         if len(ids) + max_new_tokens > self.n_ctx:
             raise ValueError(f"prompt {len(ids)} + {max_new_tokens} new tokens exceed context {self.n_ctx}")
         stops = set(stop_tokens) | (self.eos_ids if stop_at_eos else set())
-        rng = np.random.default_rng(seed)
         logits, past = self.forward(np.asarray([ids], np.int64))
-        new: list[int] = []
         text = _Streamer(self.tokenizer)
-        for step in range(max_new_tokens):
-            tok = pick(logits[0, -1], temperature, top_k, top_p, rng)
-            if tok in stops:
-                break
-            new.append(tok)
-            if on_token is not None:
-                on_token(tok, text.push(tok))
-            if step + 1 < max_new_tokens:
-                logits, past = self.forward(np.asarray([[tok]], np.int64), past=past)
+
+        def advance(tok: int, step: int) -> np.ndarray:
+            nonlocal past
+            logits, past = self.forward(np.asarray([[tok]], np.int64), past=past)
+            return logits[0, -1]
+
+        new = sample_tokens(logits[0, -1], advance, max_new_tokens, temperature, top_k, top_p, seed,
+                            is_stop=stops.__contains__,
+                            on_token=None if on_token is None else lambda tok: on_token(tok, text.push(tok)))
         return Generation(new, self.detokenize(new) if self.tokenizer is not None else "")
 
     # --- measuring --------------------------------------------------------------------------------
 
     def score(self, ids, context: int = 512, stride: int | None = None, max_tokens: int | None = None):
         """Perplexity over sliding windows, exactly as `flexiedge.evaluate.perplexity` scores."""
-        from flexiedge.evaluate import PerplexityResult, sliding_windows
-
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        stride = stride or context
-        if max_tokens is not None:
-            ids = ids[: max_tokens + 1]
-        nll, count = 0.0, 0
-        for begin, end, first in sliding_windows(len(ids), context, stride):
-            logits = self.forward(ids[None, begin:end])[0][0].astype(np.float64)
-            pred = logits[first - begin - 1:end - begin - 1]
-            log_z = np.log(np.exp(pred - pred.max(-1, keepdims=True)).sum(-1)) + pred.max(-1)
-            nll += float((log_z - pred[np.arange(len(pred)), ids[first:end]]).sum())
-            count += end - first
-        mean = nll / count
-        return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, context=context, stride=stride)
+        from flexiedge.evaluate import perplexity_of_logits
+        return perplexity_of_logits(lambda window: self.forward(window[None])[0][0], ids, context, stride, max_tokens)
 
     def time(self, prompt_tokens: int = 128, gen_tokens: int = 128) -> dict[str, float]:
         """Greedy-decode timing on a synthetic prompt: time to first token, prefill and decode tokens/s."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import math
 import os
 import sys
 import time as _time
@@ -28,7 +27,7 @@ import numpy as np
 import llama_cpp as lc
 
 from flexiedge.errors import FlexiEdgeError
-from flexiedge.runtimes.sampling import pick
+from flexiedge.runtimes.sampling import sample_tokens
 from .build import runtime_status
 
 KV_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16}  # KV-cache precision; f32 for parity tests
@@ -195,38 +194,24 @@ class LlamaCppModel:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_new_tokens > self.n_ctx:
             raise ValueError(f"prompt {len(ids)} + {max_new_tokens} new tokens exceed n_ctx={self.n_ctx}")
-        rng = np.random.default_rng(seed)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a piece may end mid-character
         self.reset()
         self._decode(ids, 0, all_logits=False)
-        new: list[int] = []
-        for step in range(max_new_tokens):
-            tok = pick(self._last_logits(), temperature, top_k, top_p, rng)
-            if tok in stop_tokens or (stop_at_eos and lc.llama_vocab_is_eog(self._vocab, tok)):
-                break
-            new.append(tok)
-            if on_token is not None:
-                on_token(tok, utf8.decode(self.piece(tok)))
-            if step + 1 < max_new_tokens:
-                self._decode([tok], len(ids) + step, all_logits=False)
+
+        def advance(tok: int, step: int) -> np.ndarray:
+            self._decode([tok], len(ids) + step, all_logits=False)
+            return self._last_logits()
+
+        new = sample_tokens(self._last_logits(), advance, max_new_tokens, temperature, top_k, top_p, seed,
+                            is_stop=lambda tok: tok in stop_tokens or (stop_at_eos and lc.llama_vocab_is_eog(self._vocab, tok)),
+                            on_token=None if on_token is None else lambda tok: on_token(tok, utf8.decode(self.piece(tok))))
         return Generation(new, self.detokenize(new))
 
     def score(self, ids: Sequence[int], context: int = 512, stride: int | None = None,
               max_tokens: int | None = None):
         """Perplexity over sliding windows, exactly as `flexiedge.evaluate.perplexity` scores."""
-        from flexiedge.evaluate import PerplexityResult, sliding_windows
-
-        ids = np.asarray(ids, np.int64).reshape(-1)[: None if max_tokens is None else max_tokens + 1]
-        stride = stride or context
-        nll, count = 0.0, 0
-        for begin, end, first in sliding_windows(len(ids), context, stride):
-            pred = self.logits(ids[begin:end].tolist())[first - begin - 1:end - begin - 1].astype(np.float64)
-            top = pred.max(-1)
-            log_z = np.log(np.exp(pred - top[:, None]).sum(-1)) + top
-            nll += float((log_z - pred[np.arange(len(pred)), ids[first:end]]).sum())
-            count += end - first
-        mean = nll / count
-        return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, context=context, stride=stride)
+        from flexiedge.evaluate import perplexity_of_logits
+        return perplexity_of_logits(lambda window: self.logits(window.tolist()), ids, context, stride, max_tokens)
 
     def time(self, prompt_tokens: int = 128, gen_tokens: int = 128) -> dict[str, float]:
         """Greedy-decode timing on a synthetic prompt: time to first token, prefill and decode tokens/s."""
