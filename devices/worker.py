@@ -12,11 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
+from flexiedge.memory import proc_bytes
+
 
 def status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status (kB there), in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    """A memory figure of this process from /proc/self/status, in bytes (0 where there is no /proc)."""
+    return proc_bytes("/proc/self/status", key) or 0
 
 
 def load(artifact: Path, runtime: str, threads: int, n_ctx: int):
@@ -32,11 +33,10 @@ def load(artifact: Path, runtime: str, threads: int, n_ctx: int):
 def measure(artifact: Path, runtime: str, threads: int, prompt: int, gen: int, repeats: int, warmup: int) -> dict:
     before = status_bytes("VmRSS")
     model = load(artifact, runtime, threads, n_ctx=prompt + gen + 8)
-    loaded = status_bytes("VmRSS")
     for _ in range(warmup):
         model.time(prompt_tokens=prompt, gen_tokens=min(gen, 16))
     runs = [model.time(prompt_tokens=prompt, gen_tokens=gen) for _ in range(repeats)]
-    return dict(rss_before=before, rss_loaded=loaded, rss_peak=status_bytes("VmHWM"),
+    return dict(rss_before=before, rss_peak=status_bytes("VmHWM"),
                 rss_file=status_bytes("RssFile"), runs=runs)
 
 

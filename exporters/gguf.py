@@ -197,7 +197,7 @@ class RunFiles:
 
     @classmethod
     def open(cls, path: Path) -> "RunFiles":
-        from flexiedge.checkpoint import METADATA, is_plain_model, read_metadata
+        from flexiedge.checkpoint import METADATA, checked_weights, is_plain_model, read_metadata
         from flexiedge.models import BUILTIN_MODELS, resolve_model_dir
 
         path = Path(path)
@@ -213,7 +213,7 @@ class RunFiles:
                 weights = path  # an HF shard set (e.g. LLaMA-2-7B's two shards): read through its index
         else:
             metadata = read_metadata(path)
-            plan, weights = Plan.from_json(metadata["plan"]), path / metadata["weights"]["file"]
+            plan, weights = Plan.from_json(metadata["plan"]), checked_weights(path, metadata)  # before any work
         if not weights.exists():
             raise FlexiEdgeError(f"{weights} is missing: expected the weights as model.safetensors "
                                  "(or an HF model.safetensors.index.json with its shards)")
@@ -533,7 +533,7 @@ def logits_parity(folder: Path, run_dir: Path, ids: list[int] | None = None) -> 
     from flexiedge.checkpoint import load_checkpoint
     from flexiedge.runtimes.llamacpp import LlamaCppModel
 
-    ckpt = load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir, verify=False)  # RunFiles.open checked the weights' sha256
     if ids is None:
         ids = ckpt.tokenizer(VERIFY_TEXT)["input_ids"][:64]
     with torch.no_grad():

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from .cache import atomic_dir, atomic_file
 from .checkpoint import FORMAT, FORMAT_VERSION, METADATA, WEIGHTS, software_versions
-from .data import text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .influence import block_influence_from_states
 from .lowrank import adapter_init
@@ -134,7 +133,7 @@ class WorkCache:
                 return {n: files.get(n) for n in files.names}
         result = compute()
         with atomic_file(path) as tmp:
-            write_tensors(tmp, {n: t.contiguous() for n, t in result.items()})
+            write_tensors(tmp, result)
         return result
 
     def scores(self, compute) -> list[float]:
@@ -262,6 +261,8 @@ def prune_blockwise(folder: Path, out: Path, config: PruneConfig, calibration, m
     """`prune.prune` for a model that is never loaded whole (see the module docstring)."""
     from transformers import AutoTokenizer
 
+    from .prune import calibration_record, calibration_windows  # prune imports this module
+
     if config.method == "flexigpt" and config.selection != "lowrank":
         raise FlexiEdgeError(f"--selection {config.selection} needs the whole model in memory: use "
                              "--selection lowrank with --stream, or prune without --stream")
@@ -277,8 +278,7 @@ def prune_blockwise(folder: Path, out: Path, config: PruneConfig, calibration, m
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         with log.stage("score"):
-            ids = tokenize_texts(tokenizer, calibration.texts)
-            windows = token_windows(ids, calibration.seq_len, calibration.tokens)
+            windows = calibration_windows(tokenizer, calibration)
             scores = cache.scores(lambda: streamed_block_influence(source, windows, calibration.batch_size))
         with log.stage("select_init"):
             pruned = select_pruned_blocks(scores, config.num_to_prune(len(scores)), config.protect_ends)
@@ -292,9 +292,9 @@ def prune_blockwise(folder: Path, out: Path, config: PruneConfig, calibration, m
                 adapters = streamed_adapters(source, plan, config.svd, cache)
             elif config.method == "flexigpt" and config.rank:
                 raise FlexiEdgeError("--no-svd-init is not available with --stream")
-        calib = dict(asdict(calibration), texts=text_provenance(calibration.texts), tokens_used=windows.numel())
         provenance = dict(source_model=str(model_spec), source_folder=str(folder),
-                          source_parameters=source.source_parameters(), calibration=calib, streamed=True,
+                          source_parameters=source.source_parameters(),
+                          calibration=calibration_record(calibration, windows), streamed=True,
                           stages=log.records)
         if cache.reused:
             print(f"flexiedge: resumed an interrupted prune ({cache.reused} finished pieces reused from "

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cache import atomic_file
+
 
 def topk_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus the rest bucket.
@@ -69,7 +71,6 @@ class Teacher:
             logits = self.model(input_ids=batch.to(next(self.model.parameters()).device), use_cache=False).logits
             logp, ids = F.log_softmax(logits.float(), -1).topk(self.k, dim=-1)
             logp, ids = logp.cpu(), ids.to(torch.int32).cpu()
-            tmp = path.with_suffix(".tmp")
-            torch.save((logp, ids), tmp)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                torch.save((logp, ids), tmp)
         return logp.to(batch.device), ids.to(batch.device)

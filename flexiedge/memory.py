@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 GB = 1e9
 
 
-def _proc_kib(path: str, key: str) -> int | None:
+def proc_bytes(path: str, key: str) -> int | None:
     """A "Key:  N kB" line of a /proc file, in bytes; None where there is no /proc."""
     try:
         with open(path) as f:
@@ -34,13 +34,13 @@ def _proc_kib(path: str, key: str) -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    found = _proc_kib("/proc/self/status", "VmHWM")
+    found = proc_bytes("/proc/self/status", "VmHWM")
     return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_memory_bytes() -> int:
     """Memory the system can give without swapping (MemAvailable); 16 GiB where it cannot say."""
-    found = _proc_kib("/proc/meminfo", "MemAvailable")
+    found = proc_bytes("/proc/meminfo", "MemAvailable")
     return found if found is not None else 16 * 2**30
 
 

@@ -147,9 +147,8 @@ def stage_score(p: Pipeline, source: dict) -> dict:
 
 
 def stage_prune(p: Pipeline, source: dict, scores: dict) -> dict:
-    from .checkpoint import save_checkpoint
     from .models import check_architecture
-    from .prune import apply_plan, check_rank, plan_pruning
+    from .prune import calibration_windows, check_rank, prune_scored
     config = p.config.prune
 
     def run(artifact: Path, resume: bool) -> dict:
@@ -159,11 +158,10 @@ def stage_prune(p: Pipeline, source: dict, scores: dict) -> dict:
         model, tokenizer = p.source_model(source["folder"])
         p._loaded = None  # the model is changed in place into the pruned stack: never reuse it
         parameters = sum(t.numel() for t in model.parameters())
-        plan = plan_pruning(model, scores["block_influence"], config)
-        apply_plan(model, plan, config)
         provenance = dict(source_model=p.config.model, source_folder=source["folder"],
                           source_parameters=parameters, calibration=scores["calibration"])
-        save_checkpoint(model, tokenizer, plan, artifact, provenance, overwrite=True)
+        windows = calibration_windows(tokenizer, p.config.calibration)  # the functional base choice reads them
+        prune_scored(model, tokenizer, scores["block_influence"], windows, config, artifact, provenance, overwrite=True)
         return _run_result(artifact)
     inputs = dict(source=source["fingerprint"], scores=scores["fingerprint"])
     return p.runner.run("prune", _plain(config), inputs, p.root / "pruned", run)

@@ -50,10 +50,16 @@ def calibration_windows(tokenizer, calibration: CalibrationConfig) -> torch.Tens
     return token_windows(tokenize_texts(tokenizer, calibration.texts), calibration.seq_len, calibration.tokens)
 
 
-def score_blocks(model, tokenizer, calibration: CalibrationConfig) -> tuple[list[float], dict]:
-    windows = calibration_windows(tokenizer, calibration)
-    scores = block_influence(model, windows, calibration.batch_size)
-    return scores, dict(asdict(calibration), texts=text_provenance(calibration.texts), tokens_used=windows.numel())
+def calibration_record(calibration: CalibrationConfig, windows: torch.Tensor) -> dict:
+    """What the checkpoint's provenance says about the calibration text."""
+    return dict(asdict(calibration), texts=text_provenance(calibration.texts), tokens_used=windows.numel())
+
+
+def score_blocks(model, tokenizer, calibration: CalibrationConfig,
+                 windows: torch.Tensor | None = None) -> tuple[list[float], dict]:
+    """Block Influence on the calibration windows (tokenized here unless the caller already has them)."""
+    windows = calibration_windows(tokenizer, calibration) if windows is None else windows
+    return block_influence(model, windows, calibration.batch_size), calibration_record(calibration, windows)
 
 
 def plan_pruning(model, scores: list[float], config: PruneConfig, windows: torch.Tensor | None = None) -> Plan:
@@ -98,14 +104,22 @@ def prune(model_spec: str, out: Path, config: PruneConfig, calibration: Calibrat
     model, tokenizer = load_model(folder)
     source_parameters = sum(p.numel() for p in model.parameters())
     with log.stage("score"):
-        scores, calib = score_blocks(model, tokenizer, calibration)
-    with log.stage("select_init"):
-        plan = plan_pruning(model, scores, config, calibration_windows(tokenizer, calibration))
-        apply_plan(model, plan, config)
+        windows = calibration_windows(tokenizer, calibration)
+        scores, calib = score_blocks(model, tokenizer, calibration, windows)
     provenance = dict(source_model=str(model_spec), source_folder=str(folder),
-                      source_parameters=source_parameters, calibration=calib, stages=log.records)
+                      source_parameters=source_parameters, calibration=calib)
+    return prune_scored(model, tokenizer, scores, windows, config, out, provenance, overwrite, log)
+
+
+def prune_scored(model, tokenizer, scores: list[float], windows: torch.Tensor, config: PruneConfig, out: Path,
+                 provenance: dict, overwrite: bool = False, log: StageLog | None = None) -> Path:
+    """Select, build and save, from a loaded source model and its scores (`prune` and the pipeline)."""
+    log = log or StageLog()
+    with log.stage("select_init"):
+        plan = plan_pruning(model, scores, config, windows)
+        apply_plan(model, plan, config)
     with log.stage("save"):
-        return save_checkpoint(model, tokenizer, plan, out, provenance, overwrite=overwrite)
+        return save_checkpoint(model, tokenizer, plan, out, dict(provenance, stages=log.records), overwrite=overwrite)
 
 
 def needs_streaming(folder: Path, fraction: float = 0.4) -> bool:

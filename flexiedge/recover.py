@@ -52,7 +52,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import text_provenance, token_windows, tokenize_texts
 from .errors import FlexiEdgeError
 from .plan import PROJECTIONS, Plan
-from .train_config import RECIPES, TrainConfig, config_from
+from .train_config import RECIPES, TrainConfig, coerce_value, config_from
 
 TRAINER_STATE = "trainer_state.pt"
 LOG = "train_log.jsonl"
@@ -359,7 +359,7 @@ def resume_session(out: Path, parallel) -> Session:
     state = torch.load(out / TRAINER_STATE, weights_only=False)
     saved = dict(state["config"])
     saved.setdefault("recipe", "paper")  # trainer states from before recipes existed trained the paper's way
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    config = TrainConfig(**{k: coerce_value(k, v) for k, v in saved.items()})
     if state["world_size"] != parallel.world_size:
         raise FlexiEdgeError(f"{out} was trained on {state['world_size']} processes; resume it on the same "
                              f"number (now {parallel.world_size}) so the data order stays the same")

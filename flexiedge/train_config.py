@@ -102,7 +102,7 @@ class TrainConfig:
         return asdict(self)
 
 
-def _coerce(name: str, value):
+def coerce_value(name: str, value):
     if name in ("data", "betas", "warm_start_data") and isinstance(value, (list, tuple)):
         return tuple(value)
     return value
@@ -118,7 +118,7 @@ def config_from(file: str | Path | None = None, **overrides) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise FlexiEdgeError(f"unknown training setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    config = TrainConfig(**{k: coerce_value(k, v) for k, v in values.items()})
     config.check()
     return config
 

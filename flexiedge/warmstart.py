@@ -266,11 +266,6 @@ def warm_start(model, plan: Plan, source, windows: torch.Tensor, steps: int, lr:
     return report
 
 
-def shortgpt_error(io: BlockIO) -> float:
-    """The block-local error of skipping the block (identity): the ShortGPT reference."""
-    return float(relative_error(io.inputs, io.outputs))
-
-
 
 # ---- functional base choice ------------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import time as _time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,13 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from flexiedge.errors import FlexiEdgeError
-from flexiedge.runtimes.sampling import sample_tokens
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated tokens only
-    text: str
+from flexiedge.runtimes.sampling import Generation, sample_tokens
 
 
 class OrtModel:

@@ -3,9 +3,16 @@ and the generation loop around it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated tokens only
+    text: str
 
 
 def pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

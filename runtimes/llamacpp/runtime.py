@@ -27,7 +27,7 @@ import numpy as np
 import llama_cpp as lc
 
 from flexiedge.errors import FlexiEdgeError
-from flexiedge.runtimes.sampling import sample_tokens
+from flexiedge.runtimes.sampling import Generation, sample_tokens
 from .build import runtime_status
 
 KV_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16}  # KV-cache precision; f32 for parity tests
@@ -51,12 +51,6 @@ def _init_backend(verbose: bool) -> None:
         lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
         lc.llama_backend_init()
         _log["ready"] = True
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated tokens only
-    text: str
 
 
 class LlamaCppModel:

@@ -41,7 +41,7 @@ def test_llama7b_flexigpt_adds_the_papers_3_67_percent_over_shortgpt():
     short = footprint(LLAMA2_7B, GGUF_Q4_K, "shortgpt", 9)
     flexi = footprint(LLAMA2_7B, GGUF_Q4_K, "flexigpt", 9, rank=256)
     adapters = flexi.matmul_params_per_token - short.matmul_params_per_token - 9 * 202_383_360
-    assert adapters / (short.matmul_params_per_token + 32000 * 4096)  # + the embedding == pytest.approx(0.0367, abs=0.0005)
+    assert adapters / (short.matmul_params_per_token + 32000 * 4096) == pytest.approx(0.0367, abs=0.0005)  # + embedding
     # stored: 23 blocks once; read per token: all 32 layers (the 9 slots re-read their bases)
     assert flexi.file_bytes < footprint(LLAMA2_7B, GGUF_Q4_K, "unpruned", 0).file_bytes
     assert flexi.weight_bytes_per_token > footprint(LLAMA2_7B, GGUF_Q4_K, "unpruned", 0).weight_bytes_per_token

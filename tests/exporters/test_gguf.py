@@ -221,3 +221,15 @@ def test_smollm2_flexigpt_f32_parity(tmp_path):
     ids = tokenize_texts(load_checkpoint(run).tokenizer, list(EVAL_TEXTS))[:128].tolist()
     got, ref = _llama_logits(tmp_path / "out", ids=ids), _torch_logits(run, ids)
     assert np.abs(got - ref).max() < 1e-3 and (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "f16"])
+def test_a_modified_checkpoint_is_refused_before_anything_is_written(tiny_run, tmp_path, qtype):
+    run = tiny_run(name=f"modified-{qtype}")
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FlexiEdgeError, match="does not match the checksum"):
+        export_gguf(run, tmp_path / "out", GGUFExportConfig(type=qtype, verify=False))
+    assert not (tmp_path / "out").exists()
