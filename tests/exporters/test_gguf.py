@@ -210,12 +210,11 @@ def test_q4_k_goes_through_llamacpp_and_keeps_aliases(flexigpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_flexigpt_f32_parity(tmp_path):
-    """The real FlexiGPT 30% run (runs/smollm2-30): 128 positions, llama.cpp with adapters vs PyTorch."""
-    from pathlib import Path
-    run = Path(__file__).parents[2] / "runs" / "smollm2-30"
-    if not (run / "flexiedge.json").is_file() or not _status.ok:
-        pytest.skip("needs runs/smollm2-30 and the patched runtime")
+def test_smollm2_flexigpt_f32_parity(tmp_path, smollm2_run):
+    """The real FlexiGPT 30% run: 128 positions, llama.cpp with adapters vs PyTorch."""
+    run = smollm2_run
+    if not _status.ok:
+        pytest.skip("needs the patched runtime")
     from flexiedge.data import EVAL_TEXTS, tokenize_texts
     _export(run, tmp_path / "out", type="f32")
     ids = tokenize_texts(load_checkpoint(run).tokenizer, list(EVAL_TEXTS))[:128].tolist()

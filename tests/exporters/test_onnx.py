@@ -134,13 +134,9 @@ def test_cli_refuses_an_existing_out_before_tracing(tiny_flexigpt_run, tiny_expo
     assert not list(folder.parent.glob("*.tmp-*"))
 
 
-REAL_RUN = Path(__file__).parents[2] / "runs" / "smollm2-30"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_RUN / "flexiedge.json").is_file(), reason="needs runs/smollm2-30 (flexiedge prune)")
-def test_real_smollm2_flexigpt_fp32_export_matches_pytorch_and_stores_each_weight_once(tmp_path):
-    report = export_onnx(REAL_RUN, tmp_path / "onnx")             # verify() runs inside and raises on failure
+def test_real_smollm2_flexigpt_fp32_export_matches_pytorch_and_stores_each_weight_once(tmp_path, smollm2_run):
+    report = export_onnx(smollm2_run, tmp_path / "onnx")             # verify() runs inside and raises on failure
     assert report["verify"]["logit_max_abs_diff"] < 1e-3 and report["verify"]["argmax_agreement"] == 1.0
     assert report["storage"]["bytes_over_unique"] == pytest.approx(1.0, abs=0.01)
     assert report["storage"]["shared_single_copy"]
