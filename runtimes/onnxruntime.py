@@ -258,17 +258,22 @@ class OrtDecoder:
 
 
 class _Streamer:
-    """Text of each new token, decoded so that multi-byte characters split across tokens come out whole."""
+    """Text of each new token, decoded so that multi-byte characters split across tokens come out whole.
+
+    Each step decodes only the tokens since the last emitted piece plus the one before them (which keeps
+    a tokenizer's leading-space rules right), not the whole generation: constant work per token."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read]: context already shown; ids[read:]: not shown yet
 
     def push(self, token: int) -> str:
         if self.tokenizer is None:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        shown, text = decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(shown):  # an incomplete character: wait for more
             return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]

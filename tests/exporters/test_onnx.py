@@ -7,7 +7,6 @@ the exported files. One trace serves all precisions (see conftest.py).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx

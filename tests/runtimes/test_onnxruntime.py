@@ -82,3 +82,14 @@ def test_time_reports_ttft_prefill_and_decode_rates(ort_model):
     t = ort_model.time(prompt_tokens=16, gen_tokens=4)
     assert set(t) == {"ttft_s", "prefill_tps", "decode_tps"}
     assert t["ttft_s"] > 0 and t["prefill_tps"] == pytest.approx(16 / t["ttft_s"])
+
+
+@pytest.mark.parametrize("text", ["plain words and spaces", "héllo wörld ✓ naïve café — ünïcode"])
+def test_streamed_pieces_add_up_to_the_decoded_text(tiny_tokenizer, text):
+    from flexiedge.runtimes.onnxruntime import _Streamer
+
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    streamer = _Streamer(tiny_tokenizer)
+    pieces = [streamer.push(i) for i in ids]
+    assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+    assert sum(bool(p) for p in pieces) > 1  # streamed, not all at the end
