@@ -118,19 +118,23 @@ def example_inputs(config, batch: int = 2, seq: int = 3, past: int = 4):
     return ids, mask, positions, cache
 
 
-def trace(model: nn.Module, opset: int) -> onnx.ModelProto:
-    """torch.onnx (dynamo) without its optimizer: that folds each use of a shared weight into its own copy."""
+def export_program(model: nn.Module, inputs, opset: int):
+    """torch.onnx (dynamo) of the KV-cache decoder with dynamic batch and lengths, without its optimizer
+    (that folds each use of a shared weight into its own copy). `inputs`: `example_inputs` (CPU or meta)."""
     from torch.export import Dim
 
-    config = model.config
     batch, seq, past, total = (Dim(n) for n in ("batch_size", "sequence_length", "past_sequence_length",
                                                  "total_sequence_length"))
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-              [{0: batch, 2: past}] * (2 * config.num_hidden_layers))
+              [{0: batch, 2: past}] * (2 * model.config.num_hidden_layers))
     with torch.no_grad():
-        program = torch.onnx.export(DecoderWithCache(model).eval(), example_inputs(config), dynamic_shapes=shapes,
-                                    dynamo=True, opset_version=opset, optimize=False, verbose=False)
-    proto = program.model_proto
+        return torch.onnx.export(DecoderWithCache(model).eval(), inputs, dynamic_shapes=shapes, dynamo=True,
+                                 opset_version=opset, optimize=False, verbose=False)
+
+
+def trace(model: nn.Module, opset: int) -> onnx.ModelProto:
+    config = model.config
+    proto = export_program(model, example_inputs(config), opset).model_proto
     inputs, outputs = io_names(config.num_hidden_layers)
     for value, name in zip(list(proto.graph.input), inputs):
         graph.rename_value(proto, value.name, name)

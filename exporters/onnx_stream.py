@@ -135,24 +135,14 @@ def meta_model(source: StreamSource):
 def trace_meta(source: StreamSource, opset: int = 18):
     """The dynamo trace of the meta model as an onnx_ir Model (initializers without bytes), and the
     non-persistent buffers (rotary frequencies: not in the checkpoint) computed on the CPU by name."""
-    from torch.export import Dim
-
-    from .onnx import DecoderWithCache, example_inputs
+    from .onnx import example_inputs, export_program
 
     model = meta_model(source)
-    config = model.config
-    rotary = type(model.model.rotary_emb)(config=config)
+    rotary = type(model.model.rotary_emb)(config=model.config)
     buffers = {f"model.rotary_emb.{n}": b for n, b in rotary.named_buffers()}
     with torch.device("meta"):
-        inputs = example_inputs(config)
-    batch, seq, past, total = (Dim(n) for n in ("batch_size", "sequence_length", "past_sequence_length",
-                                                 "total_sequence_length"))
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-              [{0: batch, 2: past}] * (2 * config.num_hidden_layers))
-    with torch.no_grad():
-        program = torch.onnx.export(DecoderWithCache(model).eval(), inputs, dynamic_shapes=shapes, dynamo=True,
-                                    opset_version=opset, optimize=False, verbose=False)
-    return program.model, buffers
+        inputs = example_inputs(model.config)
+    return export_program(model, inputs, opset).model, buffers
 
 
 # ------------------------------------------------------------------------------------------------
